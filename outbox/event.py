@@ -1,0 +1,228 @@
+"""The event envelope, its id (UUIDv7), validation, and the CloudEvents 1.0 Kafka mapping.
+
+Binary content mode: the Kafka value is the payload bytes, the metadata travels in
+`ce_*` headers, and the Kafka key is the event key. See DESIGN.md, "Wire format".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from outbox.errors import InvalidHeader, InvalidKey, InvalidTopic, MalformedRecord
+
+SPEC_VERSION = "1.0"
+ID_HEADER = "ce_id"
+DEFAULT_SOURCE = "transactional-outbox"
+
+HeaderValue = str | bytes
+Headers = Mapping[str, HeaderValue]
+KafkaHeaders = list[tuple[str, bytes]]
+
+_TOPIC_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+_RESERVED_HEADERS = frozenset(
+    {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"}
+)
+
+_uuid_lock = threading.Lock()
+_uuid_last = (0, 0)  # (unix ms, 12-bit counter) of the last id handed out
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562, version 7), monotonic within this process.
+
+    The 12 `rand_a` bits hold a counter for ids made in the same millisecond, so ids
+    from one process sort in creation order (RFC 9562 section 6.2, method 1).
+    """
+    global _uuid_last
+    with _uuid_lock:
+        ms = time.time_ns() // 1_000_000
+        last_ms, counter = _uuid_last
+        if ms <= last_ms:
+            ms, counter = last_ms, counter + 1
+            if counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                ms, counter = last_ms + 1, 0
+        else:
+            counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+        _uuid_last = (ms, counter)
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
+    return uuid.UUID(int=value)
+
+
+def validate_topic(topic: object) -> str:
+    """Refuse names Kafka would refuse, before they reach the outbox table."""
+    if not isinstance(topic, str):
+        raise InvalidTopic(f"topic must be a str, got {type(topic).__name__}")
+    if topic in {".", ".."} or not _TOPIC_RE.match(topic):
+        raise InvalidTopic(
+            f"invalid Kafka topic name {topic!r}: use 1 to 249 characters of "
+            "ASCII letters, digits, '.', '_' and '-', and not '.' or '..'"
+        )
+    return topic
+
+
+def validate_key(key: object) -> str:
+    """The key orders events and picks the Kafka partition: it must be a str."""
+    if not isinstance(key, str):
+        raise InvalidKey(
+            f"event key must be a str, got {type(key).__name__}: "
+            "convert ids explicitly, e.g. key=str(order.id)"
+        )
+    return key
+
+
+def validate_headers(headers: Headers | None) -> dict[str, HeaderValue]:
+    """User headers: str names, str or bytes values, none that shadow CloudEvents ones."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidHeader(f"headers must be a mapping, got {type(headers).__name__}")
+    out: dict[str, HeaderValue] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidHeader(f"header name must be a non-empty str, got {name!r}")
+        if name in _RESERVED_HEADERS:
+            raise InvalidHeader(f"header {name!r} is set by the outbox itself")
+        if not isinstance(value, str | bytes):
+            raise InvalidHeader(
+                f"header {name!r} has a value of type {type(value).__name__}; "
+                "header values must be str or bytes"
+            )
+        out[name] = value
+    return out
+
+
+def validate_type(event_type: object) -> str:
+    if not isinstance(event_type, str) or not event_type:
+        raise InvalidHeader(f"event type must be a non-empty str, got {event_type!r}")
+    return event_type
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event: what service code publishes and what a consumer's handler receives.
+
+    `data` is the serialized payload (what goes on the wire); `payload` is the Python
+    value it came from, or that a consumer decoded from it.
+    """
+
+    topic: str
+    key: str
+    type: str
+    payload: Any
+    data: bytes
+    content_type: str = "application/json"
+    source: str = DEFAULT_SOURCE
+    headers: Mapping[str, HeaderValue] = field(default_factory=dict)
+    id: uuid.UUID = field(default_factory=uuid7)
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def kafka_headers(self) -> KafkaHeaders:
+        return kafka_headers(
+            event_id=self.id,
+            type=self.type,
+            source=self.source,
+            occurred_at=self.occurred_at,
+            content_type=self.content_type,
+            headers=self.headers,
+        )
+
+    def to_record(self) -> tuple[bytes, bytes, KafkaHeaders]:
+        """(key, value, headers) of the Kafka record for this event."""
+        return self.key.encode(), self.data, self.kafka_headers()
+
+
+def kafka_headers(
+    *,
+    event_id: uuid.UUID,
+    type: str,
+    source: str,
+    occurred_at: datetime,
+    content_type: str,
+    headers: Mapping[str, HeaderValue],
+) -> KafkaHeaders:
+    """CloudEvents binary-mode headers, then the user's own."""
+    out: KafkaHeaders = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", str(event_id).encode()),
+        ("ce_type", type.encode()),
+        ("ce_source", source.encode()),
+        ("ce_time", format_time(occurred_at).encode()),
+        ("content-type", content_type.encode()),
+    ]
+    for name, value in headers.items():
+        out.append((name, value if isinstance(value, bytes) else value.encode()))
+    return out
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with a `Z`, as CloudEvents wants."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def from_record(
+    *,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Iterable[tuple[str, bytes]],
+    decode: Any,
+    id_header: str = ID_HEADER,
+) -> Event:
+    """Turn a Kafka record back into an Event; `decode(content_type, data)` gives the payload.
+
+    Raises MalformedRecord (naming what is wrong) for records that carry no usable id or
+    whose payload cannot be decoded, so a consumer can dead-letter them.
+    """
+    hdrs: dict[str, bytes] = {}
+    for name, raw in headers:
+        hdrs[name] = raw if raw is not None else b""
+    raw_id = hdrs.get(id_header)
+    if not raw_id:
+        raise MalformedRecord(f"record has no {id_header!r} header to take the event id from")
+    try:
+        text_id = raw_id.decode().strip().strip('"')
+        event_id = uuid.UUID(text_id)
+    except ValueError:
+        # Foreign producers (e.g. Debezium's `id`) may use ids that are not UUIDs:
+        # derive a stable UUID from the text so deduplication still works.
+        event_id = uuid.uuid5(uuid.NAMESPACE_URL, raw_id.decode(errors="replace"))
+    content_type = hdrs.get("content-type", b"application/json").decode(errors="replace")
+    data = value if value is not None else b""
+    try:
+        payload = decode(content_type, data)
+    except Exception as exc:
+        raise MalformedRecord(f"payload cannot be decoded as {content_type}: {exc}") from exc
+    try:
+        occurred_at = parse_time(hdrs["ce_time"].decode()) if "ce_time" in hdrs else None
+    except ValueError as exc:
+        raise MalformedRecord(f"ce_time header is not an RFC 3339 time: {exc}") from exc
+    user_headers: dict[str, HeaderValue] = {
+        name: raw for name, raw in hdrs.items() if name not in _RESERVED_HEADERS
+    }
+    return Event(
+        topic=topic,
+        key=key.decode(errors="replace") if key is not None else "",
+        type=hdrs.get("ce_type", b"").decode(errors="replace"),
+        payload=payload,
+        data=data,
+        content_type=content_type,
+        source=hdrs.get("ce_source", b"").decode(errors="replace"),
+        headers=user_headers,
+        id=event_id,
+        occurred_at=occurred_at or datetime.now(UTC),
+    )

@@ -1,0 +1,93 @@
+"""Serializers: how payloads become bytes in the outbox and back in the consumer.
+
+JSON is the default. Anything JSON cannot represent faithfully is refused at publish()
+time, not discovered by the relay or a consumer later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import json
+import uuid
+from typing import Any, Protocol, runtime_checkable
+
+from outbox.errors import PayloadNotSerializable
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns payloads into bytes and back; `content_type` goes into the record headers."""
+
+    content_type: str
+
+    def dumps(self, payload: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, dt.datetime | dt.date | dt.time):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    if isinstance(obj, decimal.Decimal):
+        return str(obj)  # a string keeps every digit; a float would not
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    model_dump = getattr(obj, "model_dump", None)  # pydantic v2 models
+    if callable(model_dump):
+        return model_dump(mode="json")
+    if isinstance(obj, set | frozenset):
+        raise TypeError("a set has no order; pass a sorted list")
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+class JsonSerializer:
+    """JSON (UTF-8); encodes datetimes, UUIDs, Decimals, enums, dataclasses, pydantic models."""
+
+    content_type = "application/json"
+
+    def dumps(self, payload: Any) -> bytes:
+        try:
+            text = json.dumps(
+                payload,
+                default=_json_default,
+                separators=(",", ":"),
+                ensure_ascii=False,
+                allow_nan=False,
+            )
+        except (TypeError, ValueError) as exc:
+            raise PayloadNotSerializable(f"payload cannot be encoded as JSON: {exc}") from exc
+        return text.encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+class BytesSerializer:
+    """Raw bytes, passed through untouched (you encode; we carry)."""
+
+    content_type = "application/octet-stream"
+
+    def dumps(self, payload: Any) -> bytes:
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise PayloadNotSerializable(
+                f"BytesSerializer takes bytes, got {type(payload).__name__}"
+            )
+        return bytes(payload)
+
+    def loads(self, data: bytes) -> Any:
+        return data
+
+
+def decode(content_type: str, data: bytes) -> Any:
+    """Decode a record's value by its content type (JSON, else the raw bytes)."""
+    base = content_type.split(";", 1)[0].strip().lower()
+    if base == "application/json" or base.endswith("+json"):
+        return json.loads(data)
+    return data

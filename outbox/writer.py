@@ -1,0 +1,297 @@
+"""The write path: `Outbox.publish()` and `@Outbox.transactional`.
+
+publish() validates and encodes the event at once (bad input fails at the call site),
+but writes the row only when the transaction commits, from SQLAlchemy's `before_commit`
+hook, after every domain statement of the transaction. On PostgreSQL it first takes a
+transaction-scoped advisory lock per key (in sorted order, so never a deadlock), held
+until the commit ends. Two transactions that publish for one key therefore insert,
+and draw their `position`, in the order they commit: a relay reading a shard by
+position sees each key's events in commit order (DESIGN.md, "Commit order is not id
+order").
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Literal, ParamSpec, TypeVar, cast
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+
+from outbox import _unsafe
+from outbox.errors import ConfigError, PayloadTooLarge
+from outbox.event import (
+    DEFAULT_SOURCE,
+    Event,
+    Headers,
+    validate_headers,
+    validate_key,
+    validate_topic,
+    validate_type,
+)
+from outbox.schema import DEFAULT_PREFIX, Tables, make_tables
+from outbox.serde import JsonSerializer, Serializer
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024  # Kafka's default message.max.bytes is ~1 MiB
+DEFAULT_SHARDS = 16
+NotifyMode = Literal["auto", "always", "never"]
+
+# The session each session factory has open in this context, so nested calls join it.
+_active_sessions: ContextVar[Mapping[int, Any]] = ContextVar("outbox_active_sessions", default={})
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """The shard of a key: stable across processes, hosts and Python versions."""
+    return zlib.crc32(key.encode()) % num_shards
+
+
+def key_lock(key: str) -> int:
+    """The advisory-lock id of a key (a signed int32, as pg_advisory_xact_lock takes)."""
+    h = zlib.crc32(key.encode())
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+@dataclass
+class _Pending:
+    event: Event
+    shard: int
+    tx: SessionTransaction | None
+
+
+class Outbox:
+    """Writes events into the outbox table inside the caller's database transaction."""
+
+    def __init__(
+        self,
+        *,
+        table_prefix: str = DEFAULT_PREFIX,
+        serializer: Serializer | None = None,
+        source: str = DEFAULT_SOURCE,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        num_shards: int = DEFAULT_SHARDS,
+        notify: NotifyMode = "auto",
+    ) -> None:
+        if not 1 <= num_shards <= 1024:
+            raise ConfigError(f"num_shards must be between 1 and 1024, got {num_shards}")
+        if max_event_bytes <= 0:
+            raise ConfigError(f"max_event_bytes must be positive, got {max_event_bytes}")
+        if notify not in ("auto", "always", "never"):
+            raise ConfigError(f"notify must be 'auto', 'always' or 'never', got {notify!r}")
+        self.tables: Tables = make_tables(table_prefix)
+        self.serializer: Serializer = serializer or JsonSerializer()
+        self.source = source
+        self.max_event_bytes = max_event_bytes
+        self.num_shards = num_shards
+        self.notify = notify
+        self._info_key = f"outbox.pending.{id(self)}"
+        self._insert = self.tables.events.insert()
+        self._lock_sql = sa.text("SELECT pg_advisory_xact_lock(:ns, :k)")
+        self._notify_always = sa.text("SELECT pg_notify(:ch, '')")
+        shards = self.tables.shards
+        self._notify_auto = sa.text(
+            f"SELECT pg_notify(:ch, '') FROM {shards.name} "
+            "WHERE shard IN :shards AND relay_waiting LIMIT 1"
+        ).bindparams(sa.bindparam("shards", expanding=True))
+
+    # -- publishing ------------------------------------------------------------------
+
+    def publish(
+        self,
+        session: Session | AsyncSession,
+        *,
+        topic: str,
+        key: str,
+        type: str,
+        payload: Any,
+        headers: Headers | None = None,
+    ) -> Event:
+        """Add an event to the session's transaction; it exists iff that transaction commits.
+
+        Raises a PublishError subclass naming the problem for bad input; then nothing
+        was added and the session is untouched.
+        """
+        validate_topic(topic)
+        validate_key(key)
+        validate_type(type)
+        user_headers = validate_headers(headers)
+        data = self.serializer.dumps(payload)
+        size = len(data) + len(key.encode()) + sum(
+            len(n) + len(v if isinstance(v, bytes) else v.encode())
+            for n, v in user_headers.items()
+        )
+        if size > self.max_event_bytes:
+            raise PayloadTooLarge(
+                f"event of type {type!r} for topic {topic!r} is {size} bytes, over the "
+                f"limit of {self.max_event_bytes} bytes (Outbox(max_event_bytes=...))"
+            )
+        event = Event(
+            topic=topic,
+            key=key,
+            type=type,
+            payload=payload,
+            data=data,
+            content_type=self.serializer.content_type,
+            source=self.source,
+            headers=user_headers,
+        )
+        sync = session.sync_session if isinstance(session, AsyncSession) else session
+        pending = _Pending(event, shard_of(key, self.num_shards), _current_tx(sync))
+        if _unsafe.disabled("ordering"):
+            # Fault injection only: insert at once, without the key lock.
+            sync.connection().execute(self._insert, [self._row(pending)])
+            return event
+        queue: list[_Pending] | None = sync.info.get(self._info_key)
+        if queue is None:
+            queue = sync.info[self._info_key] = []
+            self._listen(sync)
+        queue.append(pending)
+        return event
+
+    def _listen(self, session: Session) -> None:
+        if session.info.get(self._info_key + ".hooked"):
+            return
+        session.info[self._info_key + ".hooked"] = True
+        sa_event.listen(session, "before_commit", self._before_commit)
+        sa_event.listen(session, "after_soft_rollback", self._after_soft_rollback)
+
+    def _before_commit(self, session: Session) -> None:
+        queue: list[_Pending] | None = session.info.pop(self._info_key, None)
+        if not queue:
+            return
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            ns = self.tables.lock_namespace
+            for k in sorted({key_lock(p.event.key) for p in queue}):
+                conn.execute(self._lock_sql, {"ns": ns, "k": k})
+        conn.execute(self._insert, [self._row(p) for p in queue])
+        if conn.dialect.name == "postgresql" and self.notify != "never":
+            if self.notify == "always":
+                conn.execute(self._notify_always, {"ch": self.tables.channel})
+            else:
+                shards = sorted({p.shard for p in queue})
+                conn.execute(self._notify_auto, {"ch": self.tables.channel, "shards": shards})
+
+    def _after_soft_rollback(self, session: Session, previous: SessionTransaction) -> None:
+        queue: list[_Pending] | None = session.info.get(self._info_key)
+        if not queue:
+            return
+        if not previous.nested:
+            session.info.pop(self._info_key, None)
+            return
+        # A rolled-back savepoint drops the events published inside it, and only those.
+        queue[:] = [p for p in queue if not _within(p.tx, previous)]
+
+    def _row(self, p: _Pending) -> dict[str, Any]:
+        e = p.event
+        return {
+            "event_id": e.id,
+            "topic": e.topic,
+            "key": e.key,
+            "type": e.type,
+            "payload": e.data,
+            "content_type": e.content_type,
+            "source": e.source,
+            "headers": encode_headers(e.headers),
+            "occurred_at": e.occurred_at,
+            "shard": p.shard,
+        }
+
+    # -- the decorator ----------------------------------------------------------------
+
+    def transactional(self, session_factory: Any) -> Callable[[Callable[..., Any]], Any]:
+        """Run the decorated function in one transaction, passing the session first.
+
+        Commits when it returns, rolls back when it raises. A decorated function called
+        from inside another one with the same factory joins the outer transaction.
+        Works with `sessionmaker` on plain functions and with `async_sessionmaker` on
+        `async def` functions.
+        """
+        fid = id(session_factory)
+
+        def decorate(fn: Callable[..., Any]) -> Any:
+            if inspect.iscoroutinefunction(fn):
+                if not isinstance(session_factory, async_sessionmaker):
+                    raise ConfigError(
+                        f"{fn.__qualname__} is async: decorate it with an async_sessionmaker"
+                    )
+                return _async_wrapper(fn, session_factory, fid)
+            if isinstance(session_factory, async_sessionmaker):
+                raise ConfigError(
+                    f"{fn.__qualname__} is not async: use a sessionmaker, not an "
+                    "async_sessionmaker"
+                )
+            return _sync_wrapper(fn, session_factory, fid)
+
+        return decorate
+
+
+def _sync_wrapper(fn: Callable[..., R], factory: sessionmaker[Session], fid: int) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        active = _active_sessions.get()
+        joined = active.get(fid)
+        if joined is not None:
+            return fn(joined, *args, **kwargs)
+        with factory() as session, session.begin():
+            token = _active_sessions.set({**active, fid: session})
+            try:
+                return fn(session, *args, **kwargs)
+            finally:
+                _active_sessions.reset(token)
+
+    return wrapper
+
+
+def _async_wrapper(
+    fn: Callable[..., Awaitable[R]], factory: async_sessionmaker[AsyncSession], fid: int
+) -> Any:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> R:
+        active = _active_sessions.get()
+        joined = active.get(fid)
+        if joined is not None:
+            return await fn(joined, *args, **kwargs)
+        async with factory() as session, session.begin():
+            token = _active_sessions.set({**active, fid: session})
+            try:
+                return await fn(session, *args, **kwargs)
+            finally:
+                _active_sessions.reset(token)
+
+    return wrapper
+
+
+def _current_tx(session: Session) -> SessionTransaction | None:
+    return session.get_nested_transaction() or session.get_transaction()
+
+
+def _within(tx: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    while tx is not None:
+        if tx is ancestor:
+            return True
+        tx = tx.parent
+    return False
+
+
+def encode_headers(headers: Mapping[str, str | bytes]) -> dict[str, Any] | None:
+    """Headers as JSON: str values as they are, bytes values as {"b": hex}."""
+    if not headers:
+        return None
+    return {n: ({"b": v.hex()} if isinstance(v, bytes) else v) for n, v in headers.items()}
+
+
+def decode_headers(stored: Mapping[str, Any] | None) -> dict[str, str | bytes]:
+    if not stored:
+        return {}
+    return {n: (bytes.fromhex(v["b"]) if isinstance(v, dict) else cast(str, v))
+            for n, v in stored.items()}
