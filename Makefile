@@ -1,0 +1,42 @@
+# Every target uses the virtualenv at .venv, created and filled when missing.
+PY      := .venv/bin/python
+STACK   := scripts/stack
+WITH_STACK := $(STACK) up >&2 && eval "$$($(STACK) env)" &&
+
+.PHONY: test test-unit test-integration lint typecheck demo bench stack-up stack-down clean
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+## unit + integration tests, on a real PostgreSQL and Kafka (started when needed)
+test: .venv/.installed
+	$(WITH_STACK) $(PY) -m pytest tests/unit tests/integration -p no:cacheprovider
+
+## unit tests only: no services
+test-unit: .venv/.installed
+	$(PY) -m pytest tests/unit -p no:cacheprovider
+
+test-integration: .venv/.installed
+	$(WITH_STACK) $(PY) -m pytest tests/integration -p no:cacheprovider
+
+lint: .venv/.installed
+	.venv/bin/ruff check outbox migrations tests benchmarks
+
+typecheck: .venv/.installed
+	.venv/bin/mypy
+
+## benchmarks: reported as ratios to a ceiling measured in the same run
+bench: .venv/.installed
+	$(WITH_STACK) $(PY) -m benchmarks $(BENCH)
+
+stack-up:
+	$(STACK) up
+
+stack-down:
+	$(STACK) down
+
+clean:
+	rm -rf .venv build dist *.egg-info

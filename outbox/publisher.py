@@ -1,0 +1,179 @@
+"""Publishers: where the relay sends records. Kafka for real; in memory for tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from outbox.event import KafkaHeaders
+
+# Errors after which a record will never be accepted: dead-letter at once, don't retry.
+PERMANENT_ERRORS = frozenset({
+    "MessageSizeTooLargeError",
+    "RecordTooLargeError",
+    "InvalidTopicError",
+    "TopicAuthorizationFailedError",
+    "InvalidRecordError",
+    "CorruptRecordError",
+    "RecordListTooLargeError",
+})
+
+
+def is_permanent(error: BaseException) -> bool:
+    return type(error).__name__ in PERMANENT_ERRORS
+
+
+class Delivery(Protocol):
+    """The outcome of one send: done or not, and the error if it failed."""
+
+    def done(self) -> bool: ...
+
+    def error(self) -> BaseException | None: ...
+
+
+class Publisher(Protocol):
+    """Sends records asynchronously; `flush` waits (bounded) for outstanding deliveries."""
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery: ...
+
+    def flush(self, timeout: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _KafkaDelivery:
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Any) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return bool(self._future.is_done)
+
+    def error(self) -> BaseException | None:
+        exc = self._future.exception if self._future.is_done else None
+        return exc if isinstance(exc, BaseException) else None
+
+
+class _FailedDelivery:
+    __slots__ = ("_error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> BaseException | None:
+        return self._error
+
+
+@dataclass
+class KafkaSettings:
+    """Producer settings the relay exposes; idempotence and acks=all are not optional."""
+
+    bootstrap_servers: str
+    linger_ms: int = 5
+    batch_size: int = 256 * 1024
+    compression_type: str | None = None
+    # The broker's message.max.bytes decides what is too large, and says so.
+    max_request_size: int = 16 * 1024 * 1024
+    request_timeout_ms: int = 30_000
+    delivery_timeout_ms: int = 120_000
+    client_id: str = "outbox-relay"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class KafkaPublisher:
+    """kafka-python's producer with `enable_idempotence=True` and `acks="all"`, set explicitly.
+
+    kafka-python silently turns idempotence off when a conflicting option is given, so
+    we check after construction that it is really on.
+    """
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        from kafka import KafkaProducer
+
+        self._producer = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            client_id=settings.client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=settings.linger_ms,
+            batch_size=settings.batch_size,
+            compression_type=settings.compression_type,
+            max_request_size=settings.max_request_size,
+            request_timeout_ms=settings.request_timeout_ms,
+            delivery_timeout_ms=settings.delivery_timeout_ms,
+            max_in_flight_requests_per_connection=5,
+            **settings.extra,
+        )
+        if not self._producer.config.get("enable_idempotence"):
+            self._producer.close(timeout=1)
+            raise RuntimeError("kafka-python disabled idempotence; check the producer options")
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
+        try:
+            return _KafkaDelivery(self._producer.send(topic, key=key, value=value,
+                                                      headers=headers))
+        except Exception as exc:  # raised synchronously, e.g. size checks, closed producer
+            return _FailedDelivery(exc)
+
+    def flush(self, timeout: float) -> None:
+        try:
+            self._producer.flush(timeout=timeout)
+        except Exception:  # KafkaTimeoutError: the caller checks each delivery
+            pass
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+
+
+@dataclass
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: KafkaHeaders
+
+
+class InMemoryPublisher:
+    """A publisher for tests: keeps records in a list; can be told to fail some sends."""
+
+    def __init__(self, fail: Callable[[Record], BaseException | None] | None = None) -> None:
+        self.records: list[Record] = []
+        self.fail = fail
+        self._lock = threading.Lock()
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
+        record = Record(topic, key, value, list(headers))
+        error = self.fail(record) if self.fail else None
+        if error is not None:
+            return _FailedDelivery(error)
+        with self._lock:
+            self.records.append(record)
+        return _DELIVERED
+
+    def flush(self, timeout: float) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def event_ids(self) -> list[str]:
+        return [dict(r.headers)["ce_id"].decode() for r in self.records]
+
+
+class _Delivered:
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> BaseException | None:
+        return None
+
+
+_DELIVERED = _Delivered()

@@ -1,0 +1,381 @@
+"""The relay: wait (NOTIFY | poll) -> claim -> publish -> wait for acks -> delete.
+
+One PostgreSQL session per relay carries everything: its membership lock, its shard
+locks, LISTEN, the claims and the deletes. If that session dies, the locks go with it
+and every later statement fails, so a relay that lost its session cannot claim or
+acknowledge anything for shards it no longer owns. `idle_session_timeout` bounds how
+long a paused (SIGSTOPped) relay keeps its shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import psycopg
+
+from outbox import _unsafe
+from outbox.dburl import libpq_url, mask
+from outbox.event import format_time, kafka_headers
+from outbox.metrics import RelayMetrics
+from outbox.publisher import Delivery, Publisher, is_permanent
+from outbox.schema import DEFAULT_PREFIX, make_tables
+from outbox.store import Row, Store
+from outbox.writer import DEFAULT_SHARDS, decode_headers
+
+log = logging.getLogger("outbox.relay")
+
+
+@dataclass
+class RelayConfig:
+    """How a relay runs; every field is also a CLI flag and an OUTBOX_* variable."""
+
+    db_url: str
+    table_prefix: str = DEFAULT_PREFIX
+    num_shards: int = DEFAULT_SHARDS
+    batch_size: int = 2000
+    poll_interval: float = 1.0
+    lease_seconds: float = 10.0
+    max_attempts: int = 12
+    retry_base: float = 0.5
+    retry_max: float = 60.0
+    retention_seconds: float | None = None
+    shutdown_grace: float = 10.0
+    relay_id: str | None = None
+
+
+class Throttled:
+    """Log a failure once, then at most once per interval while it lasts."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.log = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def warn(self, what: str, msg: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(what, -1e9) >= self.interval:
+            self._last[what] = now
+            self.log.warning(msg)
+
+    def recovered(self, what: str, msg: str) -> None:
+        if self._last.pop(what, None) is not None:
+            self.log.info(msg)
+
+
+class Relay:
+    """Publishes the outbox of one database to Kafka, for the shards it owns."""
+
+    def __init__(self, config: RelayConfig, publisher: Callable[[], Publisher],
+                 metrics: RelayMetrics | None = None) -> None:
+        self.config = config
+        self.tables = make_tables(config.table_prefix)
+        self.store = Store(self.tables)
+        self.relay_id = config.relay_id or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.metrics = metrics or RelayMetrics(None)
+        self._publisher_factory = publisher
+        self._publisher: Publisher | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._owned: set[int] = set()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._next_rebalance = 0.0
+        self._next_purge = 0.0
+        self._throttle = Throttled(log)
+        self.published = 0
+
+    # -- control ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the relay to finish (or abandon, after the grace period) its batch and exit."""
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Skip the current wait (the in-process wake-up after a local commit)."""
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("relay %s: signal %d, finishing the batch in flight", self.relay_id, signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    @property
+    def owned_shards(self) -> list[int]:
+        return sorted(self._owned)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("relay %s starting on %s", self.relay_id, mask(self.config.db_url))
+        backoff = self.config.retry_base
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.step(wait=True)
+                    backoff = self.config.retry_base
+                except psycopg.Error as exc:
+                    self._drop_connection()
+                    self._throttle.warn("db", f"relay {self.relay_id}: database unavailable "
+                                        f"({_first_line(exc)}); retrying with backoff")
+                    self._stop.wait(_jitter(backoff))
+                    backoff = min(backoff * 2, 5.0)
+                except _PublisherUnavailable as exc:
+                    self._throttle.warn("kafka", f"relay {self.relay_id}: Kafka unavailable "
+                                        f"({exc}); retrying with backoff")
+                    self._stop.wait(_jitter(backoff))
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            self._close()
+            log.info("relay %s stopped after publishing %d events", self.relay_id,
+                     self.published)
+
+    def step(self, wait: bool) -> int:
+        """One round: connect if needed, rebalance when due, publish one batch or wait."""
+        conn = self._connection()
+        self._throttle.recovered("db", f"relay {self.relay_id}: database reachable again")
+        if time.monotonic() >= self._next_rebalance:
+            self._rebalance(conn)
+        if not self._owned:
+            if wait:
+                self._wait(conn, self.config.poll_interval)
+            return 0
+        publisher = self._get_publisher()
+        done = self._cycle(conn, publisher)
+        if self.config.retention_seconds is not None and time.monotonic() >= self._next_purge:
+            self.store.purge_published(conn, self.config.retention_seconds, 1000)
+            self._next_purge = time.monotonic() + 5.0
+        if done == 0 and wait:
+            self._idle(conn)
+        return done
+
+    def _cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
+        shards = sorted(self._owned)
+        per_shard = max(1, self.config.batch_size // len(shards))
+        rows = self.store.claim(conn, shards, per_shard)
+        if not rows:
+            self.metrics.backlog_empty()
+            return 0
+        started = time.monotonic()
+        batch: list[tuple[Row, Delivery]] = []
+        blocked: set[int] = set()
+        for row in rows:
+            if row.shard in blocked:
+                continue
+            if row.backing_off:  # the shard's head waits for its retry: the shard waits
+                blocked.add(row.shard)
+                continue
+            batch.append((row, publisher.send(row.topic, row.key.encode(), bytes(row.payload),
+                                              _headers(row))))
+        if not batch:
+            return 0
+        if _unsafe.disabled("ack"):  # fault injection: forget the events before Kafka acks
+            self.store.acknowledge(conn, [r.position for r, _ in batch], keep=False)
+        self._await(conn, publisher, batch)
+        published = self._settle(conn, batch)
+        self.metrics.batch(time.monotonic() - started, published)
+        return len(batch)
+
+    def _await(self, conn: psycopg.Connection[Any], publisher: Publisher,
+               batch: list[tuple[Row, Delivery]]) -> None:
+        """Wait for every delivery, keeping the session alive; give up only when stopping
+        and past the grace period (the events stay pending and are sent again)."""
+        stop_deadline: float | None = None
+        while not all(d.done() for _, d in batch):
+            publisher.flush(timeout=1.0)
+            conn.execute("SELECT 1")  # heartbeat: a live relay's session is never idle long
+            if self._stop.is_set():
+                stop_deadline = stop_deadline or time.monotonic() + self.config.shutdown_grace
+                if time.monotonic() > stop_deadline:
+                    log.warning("relay %s: abandoning %d unacknowledged events at shutdown; "
+                                "they stay in the outbox", self.relay_id,
+                                sum(not d.done() for _, d in batch))
+                    return
+
+    def _settle(self, conn: psycopg.Connection[Any], batch: list[tuple[Row, Delivery]]) -> int:
+        """Delete each shard's acknowledged prefix; retry or dead-letter its first failure.
+
+        Events after a shard's first retriable failure stay pending even if Kafka took
+        them: they are sent again after it, so each key's first deliveries keep their order.
+        """
+        acked: list[int] = []
+        halted: set[int] = set()
+        for row, delivery in batch:
+            if row.shard in halted:
+                continue
+            if not delivery.done():
+                halted.add(row.shard)
+                continue
+            error = delivery.error()
+            if error is None:
+                acked.append(row.position)
+                continue
+            text = f"{type(error).__name__}: {error}"
+            if is_permanent(error) or row.attempts + 1 >= self.config.max_attempts:
+                self.store.dead_letter(conn, row.position, text)
+                self.metrics.dead_lettered()
+                log.error("relay %s: event %s (topic %s, key %r) dead-lettered: %s",
+                          self.relay_id, row.event_id, row.topic, row.key, text)
+                continue  # the record itself was refused; the shard goes on
+            delay = _jitter(min(self.config.retry_max, self.config.retry_base * 2 ** row.attempts))
+            self.store.record_failure(conn, row.position, text, delay)
+            self.metrics.failed()
+            self._throttle.warn(f"send{row.shard}", f"relay {self.relay_id}: send of event "
+                                f"{row.event_id} failed ({text}); shard {row.shard} retries "
+                                f"in {delay:.1f}s")
+            halted.add(row.shard)
+        if acked and not _unsafe.disabled("ack"):
+            self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
+        self.published += len(acked)
+        return len(acked)
+
+    # -- shards -----------------------------------------------------------------------
+
+    def _rebalance(self, conn: psycopg.Connection[Any]) -> None:
+        """Own a fair share of the shards: N // live relays, the first N % live one more."""
+        n = self.config.num_shards
+        self._next_rebalance = time.monotonic() + 1.0
+        if _unsafe.disabled("shards"):  # fault injection: every relay takes every shard
+            self._owned = set(range(n))
+            return
+        live = self.store.live_relays(conn)
+        me = conn.info.backend_pid
+        if me not in live:
+            self.store.join(conn, n)
+            live = self.store.live_relays(conn)
+        idx = live.index(me)
+        target = n // len(live) + (1 if idx < n % len(live) else 0)
+        before = set(self._owned)
+        for shard in sorted(self._owned, reverse=True)[: max(0, len(self._owned) - target)]:
+            self.store.release(conn, shard)
+            self._owned.discard(shard)
+        start = idx * n // len(live)
+        for i in range(n):
+            if len(self._owned) >= target:
+                break
+            shard = (start + i) % n
+            if shard not in self._owned and self.store.try_own(conn, shard):
+                self._owned.add(shard)
+        if self._owned != before:
+            gained = sorted(self._owned - before)
+            if gained:
+                self.store.set_owner(conn, gained, self.relay_id)
+            log.info("relay %s owns shards %s (%d live relays)", self.relay_id,
+                     _ranges(sorted(self._owned)), len(live))
+            self.metrics.shards(len(self._owned))
+
+    # -- waiting ----------------------------------------------------------------------
+
+    def _idle(self, conn: psycopg.Connection[Any]) -> None:
+        """Nothing to send: tell writers to NOTIFY, check once more, then sleep."""
+        shards = sorted(self._owned)
+        self.store.set_waiting(conn, shards, True)
+        try:
+            if not self.store.has_pending(conn, shards):
+                self._wait(conn, self.config.poll_interval)
+        finally:
+            self.store.set_waiting(conn, shards, False)
+
+    def _wait(self, conn: psycopg.Connection[Any], timeout: float) -> None:
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        for _ in conn.notifies(timeout=timeout, stop_after=1):
+            pass
+        self._wake.clear()
+
+    # -- connections ------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        self._owned = set()
+        conn = psycopg.connect(
+            libpq_url(self.config.db_url), autocommit=True, connect_timeout=5,
+            application_name=f"outbox-relay {self.relay_id}"[:63],
+        )
+        lease_ms = int(self.config.lease_seconds * 1000)
+        conn.execute(f"SET idle_session_timeout = {lease_ms}")
+        conn.execute(f"SET statement_timeout = {max(lease_ms, 30000)}")
+        conn.execute(f'LISTEN "{self.tables.channel}"')
+        self.store.join(conn, self.config.num_shards)
+        self._conn = conn
+        self._next_rebalance = 0.0
+        return conn
+
+    def _get_publisher(self) -> Publisher:
+        if self._publisher is None:
+            try:
+                self._publisher = self._publisher_factory()
+            except Exception as exc:
+                raise _PublisherUnavailable(_first_line(exc)) from exc
+            self._throttle.recovered("kafka", f"relay {self.relay_id}: Kafka reachable again")
+        return self._publisher
+
+    def _drop_connection(self) -> None:
+        self._owned = set()
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+        self._conn = None
+
+    def _close(self) -> None:
+        if self._publisher is not None:
+            try:
+                self._publisher.close()
+            except Exception as exc:
+                log.warning("relay %s: closing the producer: %s", self.relay_id, exc)
+            self._publisher = None
+        self._drop_connection()
+
+
+class _PublisherUnavailable(Exception):
+    pass
+
+
+def _headers(row: Row) -> list[tuple[str, bytes]]:
+    return kafka_headers(
+        event_id=row.event_id, type=row.type, source=row.source,
+        occurred_at=row.occurred_at, content_type=row.content_type,
+        headers=decode_headers(row.headers),
+    )
+
+
+def _jitter(seconds: float) -> float:
+    return seconds * (0.5 + random.random() / 2)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _ranges(shards: list[int]) -> str:
+    if not shards:
+        return "none"
+    out, start, prev = [], shards[0], shards[0]
+    for s in [*shards[1:], None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    return ",".join(out)
+
+
+__all__ = ["Relay", "RelayConfig", "format_time"]

@@ -1,0 +1,265 @@
+"""Every SQL statement the relay, the consumer and `outbox status` run, in one place.
+
+Statements are plain psycopg SQL on one connection; table names come from a validated
+prefix (schema.validate_prefix), so formatting them in is safe.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from outbox.schema import Tables
+
+# Second key of the advisory lock every live relay holds shared: "I am a relay".
+MEMBER_LOCK = 65535
+
+EVENT_COLUMNS = (
+    "position, event_id, topic, key, type, payload, content_type, source, headers, "
+    "occurred_at, shard, attempts"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One pending event as the relay claims it."""
+
+    position: int
+    event_id: uuid.UUID
+    topic: str
+    key: str
+    type: str
+    payload: bytes
+    content_type: str
+    source: str
+    headers: dict[str, Any] | None
+    occurred_at: datetime
+    shard: int
+    attempts: int
+    backing_off: bool
+
+
+class Store:
+    """The SQL of one outbox (one table prefix)."""
+
+    def __init__(self, tables: Tables) -> None:
+        self.t = tables
+        ev, dl, sh, ib = (tables.events.name, tables.dead_letters.name,
+                          tables.shards.name, tables.inbox.name)
+        self.relay_ns = tables.lock_namespace ^ 0x2B1D3C4F
+        self._claim = (
+            f"SELECT e.{EVENT_COLUMNS.replace(', ', ', e.')}, "
+            "(e.next_attempt_at IS NOT NULL AND e.next_attempt_at > now()) AS backing_off "
+            "FROM unnest(%(shards)s::int[]) AS s(shard) "
+            f"CROSS JOIN LATERAL (SELECT * FROM {ev} "
+            "  WHERE shard = s.shard AND published_at IS NULL "
+            "  ORDER BY position LIMIT %(per_shard)s) e "
+            "ORDER BY e.shard, e.position"
+        )
+        self._delete = f"DELETE FROM {ev} WHERE position = ANY(%(positions)s)"
+        self._mark = (
+            f"UPDATE {ev} SET published_at = now() WHERE position = ANY(%(positions)s)"
+        )
+        self._purge = (
+            f"DELETE FROM {ev} WHERE position IN (SELECT position FROM {ev} "
+            "WHERE published_at IS NOT NULL AND published_at < now() - %(age)s "
+            "ORDER BY position LIMIT %(limit)s)"
+        )
+        self._fail = (
+            f"UPDATE {ev} SET attempts = attempts + 1, last_error = %(error)s, "
+            "next_attempt_at = now() + %(delay)s WHERE position = %(position)s "
+            "RETURNING attempts"
+        )
+        self._dead = (
+            f"WITH moved AS (DELETE FROM {ev} WHERE position = %(position)s "
+            f"RETURNING {EVENT_COLUMNS}) "
+            f"INSERT INTO {dl} ({EVENT_COLUMNS}, error, failed_at) "
+            f"SELECT {EVENT_COLUMNS}, %(error)s, now() FROM moved"
+        )
+        self._retry_dead = (
+            f"WITH moved AS (DELETE FROM {dl} WHERE {{where}} RETURNING "
+            "event_id, topic, key, type, payload, content_type, source, headers, "
+            "occurred_at, shard) "
+            f"INSERT INTO {ev} (event_id, topic, key, type, payload, content_type, source, "
+            "headers, occurred_at, shard) "
+            "SELECT event_id, topic, key, type, payload, content_type, source, headers, "
+            "occurred_at, shard FROM moved ORDER BY occurred_at"
+        )
+        self._ensure_shards = (
+            f"INSERT INTO {sh} (shard) SELECT generate_series(0, %(n)s - 1) "
+            "ON CONFLICT (shard) DO NOTHING"
+        )
+        self._set_waiting = (
+            f"UPDATE {sh} SET relay_waiting = %(waiting)s "
+            "WHERE shard = ANY(%(shards)s) AND relay_waiting <> %(waiting)s"
+        )
+        self._set_owner = (
+            f"UPDATE {sh} SET owner = %(owner)s, owner_since = now(), relay_waiting = false "
+            "WHERE shard = ANY(%(shards)s)"
+        )
+        self._has_pending = (
+            f"SELECT EXISTS (SELECT 1 FROM unnest(%(shards)s::int[]) AS s(shard) "
+            f"CROSS JOIN LATERAL (SELECT 1 FROM {ev} WHERE shard = s.shard "
+            "AND published_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) "
+            "LIMIT 1) x)"
+        )
+        self._backlog = (
+            f"SELECT shard, count(*) AS pending, min(occurred_at) AS oldest, "
+            f"max(attempts) AS max_attempts FROM {ev} WHERE published_at IS NULL "
+            "GROUP BY shard ORDER BY shard"
+        )
+        self._dead_list = (
+            f"SELECT position, event_id, topic, key, type, attempts, error, failed_at "
+            f"FROM {dl} ORDER BY position LIMIT %(limit)s"
+        )
+        self._dead_purge = f"DELETE FROM {dl} WHERE {{where}}"
+        self._relays = (
+            "SELECT l.pid, a.application_name, a.client_addr::text AS addr, a.backend_start, "
+            "array_remove(array_agg(o.objid::int ORDER BY o.objid), NULL) AS shards "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "LEFT JOIN pg_locks o ON o.pid = l.pid AND o.locktype = 'advisory' "
+            "  AND o.classid = %(ns)s AND o.objid <> %(member)s AND o.granted "
+            "WHERE l.locktype = 'advisory' AND l.classid = %(ns)s AND l.objid = %(member)s "
+            "AND l.granted AND l.database = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database()) "
+            "GROUP BY l.pid, a.application_name, a.client_addr, a.backend_start ORDER BY l.pid"
+        )
+        self._live_relays = (
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %(ns)s "
+            "AND objid = %(member)s AND granted AND database = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database()) ORDER BY pid"
+        )
+        self._inbox_insert = (
+            f"INSERT INTO {ib} (consumer_group, event_id, processed_at) "
+            "VALUES (%(group)s, %(event_id)s, now()) ON CONFLICT DO NOTHING RETURNING event_id"
+        )
+        self._inbox_seen = (
+            f"SELECT event_id FROM {ib} WHERE consumer_group = %(group)s "
+            "AND event_id = ANY(%(ids)s)"
+        )
+        self._inbox_purge = (
+            f"DELETE FROM {ib} WHERE (consumer_group, event_id) IN ("
+            f"SELECT consumer_group, event_id FROM {ib} "
+            "WHERE processed_at < now() - %(age)s LIMIT %(limit)s)"
+        )
+
+    # -- relay: membership and shards ------------------------------------------------
+
+    def join(self, conn: psycopg.Connection[Any], num_shards: int) -> None:
+        """Announce this session as a live relay (a shared lock that dies with it)."""
+        conn.execute(self._ensure_shards, {"n": num_shards})
+        conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", (self.relay_ns, MEMBER_LOCK))
+
+    def live_relays(self, conn: psycopg.Connection[Any]) -> list[int]:
+        rows = conn.execute(self._live_relays, {"ns": self.relay_ns, "member": MEMBER_LOCK})
+        return [r[0] for r in rows]
+
+    def try_own(self, conn: psycopg.Connection[Any], shard: int) -> bool:
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)", (self.relay_ns, shard)).fetchone()
+        return bool(row and row[0])
+
+    def release(self, conn: psycopg.Connection[Any], shard: int) -> None:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (self.relay_ns, shard))
+
+    def set_owner(self, conn: psycopg.Connection[Any], shards: list[int], owner: str) -> None:
+        conn.execute(self._set_owner, {"shards": shards, "owner": owner})
+
+    def set_waiting(self, conn: psycopg.Connection[Any], shards: list[int], waiting: bool) -> None:
+        conn.execute(self._set_waiting, {"shards": shards, "waiting": waiting})
+
+    # -- relay: the hot path --------------------------------------------------------
+
+    def claim(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int) -> list[Row]:
+        """The oldest pending events of each shard, in position order (no row locks:
+        shard ownership already makes this relay the only one reading these shards)."""
+        cur = conn.execute(self._claim, {"shards": shards, "per_shard": per_shard})
+        return [Row(*r) for r in cur]
+
+    def has_pending(self, conn: psycopg.Connection[Any], shards: list[int]) -> bool:
+        row = conn.execute(self._has_pending, {"shards": shards}).fetchone()
+        return bool(row and row[0])
+
+    def acknowledge(self, conn: psycopg.Connection[Any], positions: list[int],
+                    keep: bool) -> None:
+        """Published: delete the rows (or, with retention, mark them for a later purge)."""
+        conn.execute(self._mark if keep else self._delete, {"positions": positions})
+
+    def purge_published(self, conn: psycopg.Connection[Any], age_seconds: float,
+                        limit: int) -> int:
+        cur = conn.execute(self._purge, {"age": _interval(age_seconds), "limit": limit})
+        return cur.rowcount
+
+    def record_failure(self, conn: psycopg.Connection[Any], position: int, error: str,
+                       delay_seconds: float) -> int:
+        row = conn.execute(self._fail, {"position": position, "error": error[:2000],
+                                        "delay": _interval(delay_seconds)}).fetchone()
+        return int(row[0]) if row else 0
+
+    def dead_letter(self, conn: psycopg.Connection[Any], position: int, error: str) -> None:
+        conn.execute(self._dead, {"position": position, "error": error[:2000]})
+
+    # -- status and dead letters ------------------------------------------------------
+
+    def backlog(self, conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            return list(cur.execute(self._backlog))
+
+    def relays(self, conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            return list(cur.execute(self._relays, {"ns": self.relay_ns, "member": MEMBER_LOCK}))
+
+    def dead_letters(self, conn: psycopg.Connection[Any], limit: int) -> list[dict[str, Any]]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            return list(cur.execute(self._dead_list, {"limit": limit}))
+
+    def count_dead_letters(self, conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute(f"SELECT count(*) FROM {self.t.dead_letters.name}").fetchone()
+        return int(row[0]) if row else 0
+
+    def retry_dead_letters(self, conn: psycopg.Connection[Any],
+                           positions: list[int] | None) -> int:
+        """Move dead letters back into the outbox (new positions: they go to the end)."""
+        if positions is None:
+            cur = conn.execute(self._retry_dead.format(where="true"))
+        else:
+            cur = conn.execute(self._retry_dead.format(where="position = ANY(%(p)s)"),
+                               {"p": positions})
+        return cur.rowcount
+
+    def purge_dead_letters(self, conn: psycopg.Connection[Any],
+                           positions: list[int] | None) -> int:
+        if positions is None:
+            cur = conn.execute(self._dead_purge.format(where="true"))
+        else:
+            cur = conn.execute(self._dead_purge.format(where="position = ANY(%(p)s)"),
+                               {"p": positions})
+        return cur.rowcount
+
+    # -- consumer: the dedupe records ----------------------------------------------------
+
+    def already_processed(self, conn: psycopg.Connection[Any], group: str,
+                          ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        rows = conn.execute(self._inbox_seen, {"group": group, "ids": ids})
+        return {r[0] for r in rows}
+
+    def mark_processed(self, conn: psycopg.Connection[Any], group: str,
+                       event_id: uuid.UUID) -> bool:
+        """Insert the dedupe record; False when this event was processed already."""
+        return conn.execute(self._inbox_insert,
+                            {"group": group, "event_id": event_id}).fetchone() is not None
+
+    def purge_inbox(self, conn: psycopg.Connection[Any], age_seconds: float, limit: int) -> int:
+        cur = conn.execute(self._inbox_purge, {"age": _interval(age_seconds), "limit": limit})
+        return cur.rowcount
+
+
+def _interval(seconds: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)
