@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
+from outbox.migrations import prefix
 from sqlalchemy import create_engine, pool
 
-from outbox.migrations import prefix
 from outbox.schema import make_tables
 
 config = context.config

@@ -48,8 +48,178 @@ def db_upgrade(db_url: str, table_prefix: str, revision: str) -> None:
     try:
         migrate.upgrade(db_url, revision=revision, prefix=table_prefix)
     except Exception as exc:
-        raise click.ClickException(f"migration of {mask(db_url)} failed: {_clean(exc, db_url)}")
+        raise click.ClickException(
+            f"migration of {mask(db_url)} failed: {_clean(exc, db_url)}") from None
     click.echo(f"outbox tables at {revision} in {mask(db_url)}")
+
+
+kafka_option = click.option(
+    "--kafka", "kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP_SERVERS", required=True,
+    show_envvar=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT...]",
+)
+
+
+@main.command()
+@db_option
+@kafka_option
+@prefix_option
+@click.option("--shards", "num_shards", envvar="OUTBOX_SHARDS", default=16, show_default=True,
+              type=click.IntRange(1, 1024), show_envvar=True,
+              help="Number of shards; the same on every writer and relay.")
+@click.option("--batch-size", envvar="OUTBOX_BATCH_SIZE", default=2000, show_default=True,
+              type=click.IntRange(1, 100_000), show_envvar=True)
+@click.option("--poll-interval", envvar="OUTBOX_POLL_INTERVAL", default=1.0, show_default=True,
+              type=click.FloatRange(0.01, 60), show_envvar=True,
+              help="Seconds between polls when no NOTIFY arrives.")
+@click.option("--lease", "lease_seconds", envvar="OUTBOX_LEASE_SECONDS", default=10.0,
+              show_default=True, type=click.FloatRange(1, 3600), show_envvar=True,
+              help="A relay silent this long loses its shards (idle_session_timeout).")
+@click.option("--max-attempts", envvar="OUTBOX_MAX_ATTEMPTS", default=12, show_default=True,
+              type=click.IntRange(1, 1000), show_envvar=True,
+              help="Failed sends of one event before it is dead-lettered.")
+@click.option("--retention", "retention_seconds", envvar="OUTBOX_RETENTION_SECONDS",
+              default=None, type=click.FloatRange(0, None), show_envvar=True,
+              help="Keep published events this many seconds (default: delete at once).")
+@click.option("--linger-ms", envvar="OUTBOX_LINGER_MS", default=5, show_default=True,
+              type=click.IntRange(0, 60_000), show_envvar=True)
+@click.option("--kafka-batch-bytes", envvar="OUTBOX_KAFKA_BATCH_BYTES", default=256 * 1024,
+              show_default=True, type=click.IntRange(1024, 64 * 1024 * 1024), show_envvar=True)
+@click.option("--compression", envvar="OUTBOX_COMPRESSION", default=None, show_envvar=True,
+              type=click.Choice(["gzip", "snappy", "lz4", "zstd"]))
+@click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", default=None, show_envvar=True,
+              type=click.IntRange(1, 65535), help="Serve /metrics and /healthz on this port.")
+@click.option("--relay-id", envvar="OUTBOX_RELAY_ID", default=None, show_envvar=True)
+def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int, batch_size: int,
+          poll_interval: float, lease_seconds: float, max_attempts: int,
+          retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
+          compression: str | None, metrics_port: int | None, relay_id: str | None) -> None:
+    """Run a relay worker: publish the outbox to Kafka until SIGTERM."""
+    from outbox.metrics import RelayMetrics, serve
+    from outbox.publisher import KafkaPublisher, KafkaSettings
+    from outbox.relay import Relay, RelayConfig
+
+    settings = KafkaSettings(kafka, linger_ms=linger_ms, batch_size=kafka_batch_bytes,
+                             compression_type=compression)
+    config = RelayConfig(
+        db_url=db_url, table_prefix=table_prefix, num_shards=num_shards,
+        batch_size=batch_size, poll_interval=poll_interval, lease_seconds=lease_seconds,
+        max_attempts=max_attempts, retention_seconds=retention_seconds, relay_id=relay_id,
+    )
+    registry = None
+    if metrics_port:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+    worker = Relay(config, lambda: KafkaPublisher(settings), RelayMetrics(registry))
+    if metrics_port:
+        serve(metrics_port, registry, lambda: worker._conn is not None)
+    worker.install_signal_handlers()
+    worker.run()
+
+
+@main.command()
+@db_option
+@prefix_option
+def status(db_url: str, table_prefix: str) -> None:
+    """Backlog per shard, oldest pending age, dead letters, live relays and their shards."""
+    import psycopg
+
+    from outbox.dburl import libpq_url
+    from outbox.schema import make_tables
+    from outbox.store import Store
+
+    store = Store(make_tables(table_prefix))
+    try:
+        with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
+            backlog = store.backlog(conn)
+            dead = store.count_dead_letters(conn)
+            relays = store.relays(conn)
+            now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+    except psycopg.Error as exc:
+        raise click.ClickException(f"cannot read {mask(db_url)}: {_clean(exc, db_url)}") from None
+    total = sum(r["pending"] for r in backlog)
+    oldest = min((r["oldest"] for r in backlog), default=None)
+    age = f"{(now - oldest).total_seconds():.1f}s" if oldest else "-"
+    click.echo(f"pending events: {total}   oldest pending: {age}   dead letters: {dead}")
+    for r in backlog:
+        click.echo(f"  shard {r['shard']:>4}: {r['pending']} pending, "
+                   f"oldest {(now - r['oldest']).total_seconds():.1f}s, "
+                   f"max attempts {r['max_attempts']}")
+    click.echo(f"live relays: {len(relays)}")
+    for r in relays:
+        shards = ",".join(str(s) for s in r["shards"]) or "none"
+        click.echo(f"  {r['application_name'] or r['pid']} (pid {r['pid']}, "
+                   f"{r['addr'] or 'local'}): shards {shards}")
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """List, retry or purge events the relay could not publish."""
+
+
+@dead_letters.command("list")
+@db_option
+@prefix_option
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+def dead_letters_list(db_url: str, table_prefix: str, limit: int) -> None:
+    """Show dead-lettered events with their errors."""
+    import psycopg
+
+    from outbox.dburl import libpq_url
+    from outbox.schema import make_tables
+    from outbox.store import Store
+
+    store = Store(make_tables(table_prefix))
+    with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
+        rows = store.dead_letters(conn, limit)
+    if not rows:
+        click.echo("no dead letters")
+    for r in rows:
+        click.echo(f"{r['position']}  {r['event_id']}  {r['topic']}  key={r['key']!r}  "
+                   f"{r['type']}  attempts={r['attempts']}  {r['failed_at']:%Y-%m-%d %H:%M:%S}"
+                   f"\n    {r['error']}")
+
+
+@dead_letters.command("retry")
+@db_option
+@prefix_option
+@click.argument("positions", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Retry every dead letter.")
+def dead_letters_retry(db_url: str, table_prefix: str, positions: tuple[int, ...],
+                       everything: bool) -> None:
+    """Put dead letters back in the outbox (at its end) for the relay to publish again."""
+    _dead_letter_action(db_url, table_prefix, positions, everything, retry=True)
+
+
+@dead_letters.command("purge")
+@db_option
+@prefix_option
+@click.argument("positions", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
+def dead_letters_purge(db_url: str, table_prefix: str, positions: tuple[int, ...],
+                       everything: bool) -> None:
+    """Delete dead letters for good."""
+    _dead_letter_action(db_url, table_prefix, positions, everything, retry=False)
+
+
+def _dead_letter_action(db_url: str, table_prefix: str, positions: tuple[int, ...],
+                        everything: bool, retry: bool) -> None:
+    import psycopg
+
+    from outbox.dburl import libpq_url
+    from outbox.schema import make_tables
+    from outbox.store import Store
+
+    if not positions and not everything:
+        raise click.UsageError("name dead letters by position, or pass --all")
+    store = Store(make_tables(table_prefix))
+    chosen = None if everything else list(positions)
+    with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
+        if retry:
+            n = store.retry_dead_letters(conn, chosen)
+        else:
+            n = store.purge_dead_letters(conn, chosen)
+    click.echo(f"{'retried' if retry else 'purged'} {n} dead letter(s)")
 
 
 def _clean(exc: BaseException, url: str) -> str:

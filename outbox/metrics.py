@@ -57,7 +57,7 @@ def serve(port: int, registry: Any, healthy: Any) -> ThreadingHTTPServer:
     from prometheus_client import generate_latest
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             if self.path == "/metrics":
                 body, status, ctype = generate_latest(registry), 200, "text/plain; version=0.0.4"
             elif self.path == "/healthz":

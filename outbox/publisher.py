@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class Publisher(Protocol):
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery: ...
 
     def flush(self, timeout: float) -> None: ...
+
+    def recover(self) -> None:
+        """Called after a failed delivery: make later sends possible again."""
 
     def close(self) -> None: ...
 
@@ -94,9 +98,14 @@ class KafkaPublisher:
     """
 
     def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._producer = self._make_producer()
+
+    def _make_producer(self) -> Any:
         from kafka import KafkaProducer
 
-        self._producer = KafkaProducer(
+        settings = self.settings
+        producer = KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
             client_id=settings.client_id,
             enable_idempotence=True,
@@ -110,9 +119,17 @@ class KafkaPublisher:
             max_in_flight_requests_per_connection=5,
             **settings.extra,
         )
-        if not self._producer.config.get("enable_idempotence"):
-            self._producer.close(timeout=1)
+        if not producer.config.get("enable_idempotence"):
+            producer.close(timeout=1)
             raise RuntimeError("kafka-python disabled idempotence; check the producer options")
+        return producer
+
+    def recover(self) -> None:
+        """Replace the producer: after a fatal error kafka-python fails every later send."""
+        old = self._producer
+        self._producer = self._make_producer()
+        with contextlib.suppress(Exception):
+            old.close(timeout=1)
 
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
         try:
@@ -122,10 +139,8 @@ class KafkaPublisher:
             return _FailedDelivery(exc)
 
     def flush(self, timeout: float) -> None:
-        try:
+        with contextlib.suppress(Exception):  # KafkaTimeoutError: the caller checks deliveries
             self._producer.flush(timeout=timeout)
-        except Exception:  # KafkaTimeoutError: the caller checks each delivery
-            pass
 
     def close(self) -> None:
         self._producer.close(timeout=5)
@@ -140,17 +155,23 @@ class Record:
 
 
 class InMemoryPublisher:
-    """A publisher for tests: keeps records in a list; can be told to fail some sends."""
+    """A publisher for tests: keeps records in a list; can be told to fail some sends.
+
+    Like Kafka's idempotent producer, once a send to a key fails, later sends to that
+    key fail too until `recover()`: what it accepts per key is always a prefix.
+    """
 
     def __init__(self, fail: Callable[[Record], BaseException | None] | None = None) -> None:
         self.records: list[Record] = []
         self.fail = fail
+        self._broken: dict[tuple[str, bytes], BaseException] = {}
         self._lock = threading.Lock()
 
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
         record = Record(topic, key, value, list(headers))
-        error = self.fail(record) if self.fail else None
+        error = self._broken.get((topic, key)) or (self.fail(record) if self.fail else None)
         if error is not None:
+            self._broken[(topic, key)] = error
             return _FailedDelivery(error)
         with self._lock:
             self.records.append(record)
@@ -158,6 +179,9 @@ class InMemoryPublisher:
 
     def flush(self, timeout: float) -> None:
         return None
+
+    def recover(self) -> None:
+        self._broken.clear()
 
     def close(self) -> None:
         return None

@@ -9,6 +9,7 @@ long a paused (SIGSTOPped) relay keeps its shards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -91,6 +92,7 @@ class Relay:
         self._next_rebalance = 0.0
         self._next_purge = 0.0
         self._throttle = Throttled(log)
+        self._isolate: set[int] = set()  # shards whose head is sent alone (see _settle)
         self.published = 0
 
     # -- control ----------------------------------------------------------------------
@@ -177,6 +179,8 @@ class Relay:
             if row.backing_off:  # the shard's head waits for its retry: the shard waits
                 blocked.add(row.shard)
                 continue
+            if row.shard in self._isolate:
+                blocked.add(row.shard)  # this head goes alone; the rest waits
             batch.append((row, publisher.send(row.topic, row.key.encode(), bytes(row.payload),
                                               _headers(row))))
         if not batch:
@@ -184,7 +188,9 @@ class Relay:
         if _unsafe.disabled("ack"):  # fault injection: forget the events before Kafka acks
             self.store.acknowledge(conn, [r.position for r, _ in batch], keep=False)
         self._await(conn, publisher, batch)
-        published = self._settle(conn, batch)
+        isolated = {row.shard for row, _ in batch} & self._isolate
+        self._isolate -= isolated
+        published = self._settle(conn, batch, isolated)
         self.metrics.batch(time.monotonic() - started, published)
         return len(batch)
 
@@ -204,14 +210,19 @@ class Relay:
                                 sum(not d.done() for _, d in batch))
                     return
 
-    def _settle(self, conn: psycopg.Connection[Any], batch: list[tuple[Row, Delivery]]) -> int:
+    def _settle(self, conn: psycopg.Connection[Any], batch: list[tuple[Row, Delivery]],
+                isolated: set[int]) -> int:
         """Delete each shard's acknowledged prefix; retry or dead-letter its first failure.
 
-        Events after a shard's first retriable failure stay pending even if Kafka took
-        them: they are sent again after it, so each key's first deliveries keep their order.
+        Events after a shard's first failure stay pending even if Kafka took them: they
+        are sent again after it, so each key's first deliveries keep their order. A
+        permanent error (e.g. too large) makes kafka-python fail the whole partition's
+        batch, so the culprit is only known when its shard's head is sent alone: only
+        an event refused on its own is dead-lettered.
         """
         acked: list[int] = []
         halted: set[int] = set()
+        had_error = False
         for row, delivery in batch:
             if row.shard in halted:
                 continue
@@ -222,13 +233,19 @@ class Relay:
             if error is None:
                 acked.append(row.position)
                 continue
+            had_error = True
             text = f"{type(error).__name__}: {error}"
+            if is_permanent(error) and row.shard not in isolated:
+                self._isolate.add(row.shard)
+                halted.add(row.shard)
+                continue
             if is_permanent(error) or row.attempts + 1 >= self.config.max_attempts:
                 self.store.dead_letter(conn, row.position, text)
                 self.metrics.dead_lettered()
                 log.error("relay %s: event %s (topic %s, key %r) dead-lettered: %s",
                           self.relay_id, row.event_id, row.topic, row.key, text)
-                continue  # the record itself was refused; the shard goes on
+                halted.add(row.shard)  # the next batch goes on after it
+                continue
             delay = _jitter(min(self.config.retry_max, self.config.retry_base * 2 ** row.attempts))
             self.store.record_failure(conn, row.position, text, delay)
             self.metrics.failed()
@@ -238,6 +255,11 @@ class Relay:
             halted.add(row.shard)
         if acked and not _unsafe.disabled("ack"):
             self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
+        if had_error and self._publisher is not None:
+            try:
+                self._publisher.recover()  # after a fatal error every later send would fail
+            except Exception:
+                self._publisher = None  # made again, with backoff, by _get_publisher
         self.published += len(acked)
         return len(acked)
 
@@ -327,10 +349,8 @@ class Relay:
     def _drop_connection(self) -> None:
         self._owned = set()
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._conn.close()
-            except Exception:
-                pass
         self._conn = None
 
     def _close(self) -> None:

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 import sqlalchemy as sa
@@ -47,7 +48,8 @@ DEFAULT_SHARDS = 16
 NotifyMode = Literal["auto", "always", "never"]
 
 # The session each session factory has open in this context, so nested calls join it.
-_active_sessions: ContextVar[Mapping[int, Any]] = ContextVar("outbox_active_sessions", default={})
+_active_sessions: ContextVar[Mapping[int, Any]] = ContextVar(
+    "outbox_active_sessions", default=MappingProxyType({}))
 
 
 def shard_of(key: str, num_shards: int) -> int:

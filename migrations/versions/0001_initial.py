@@ -7,7 +7,6 @@ Create Date: 2026-11-26
 
 import sqlalchemy as sa
 from alembic import op
-
 from outbox.migrations import prefix
 
 revision = "0001"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -84,10 +85,8 @@ def test_rollback_with_async_session(db_url: str, domain: sa.Engine) -> None:
 
         for n in range(1000):
             fail = rng.random() < 1 / 3
-            try:
+            with contextlib.suppress(RuntimeError):
                 committed.append(await place(n, fail))
-            except RuntimeError:
-                pass
         await eng.dispose()
         return committed
 
