@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
-import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
@@ -46,6 +46,10 @@ R = TypeVar("R")
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024  # Kafka's default message.max.bytes is ~1 MiB
 DEFAULT_SHARDS = 16
 NotifyMode = Literal["auto", "always", "never"]
+
+# session.info key of the events waiting for the commit: {Outbox: [pending, ...]}
+_PENDING = "outbox.pending"
+_hooks_installed = False
 
 # The session each session factory has open in this context, so nested calls join it.
 _active_sessions: ContextVar[Mapping[int, Any]] = ContextVar(
@@ -95,15 +99,8 @@ class Outbox:
         self.max_event_bytes = max_event_bytes
         self.num_shards = num_shards
         self.notify = notify
-        self._info_key = f"outbox.pending.{id(self)}"
         self._insert = self.tables.events.insert()
-        self._lock_sql = sa.text("SELECT pg_advisory_xact_lock(:ns, :k)")
-        self._notify_always = sa.text("SELECT pg_notify(:ch, '')")
-        shards = self.tables.shards
-        self._notify_auto = sa.text(
-            f"SELECT pg_notify(:ch, '') FROM {shards.name} "
-            "WHERE shard IN :shards AND relay_waiting LIMIT 1"
-        ).bindparams(sa.bindparam("shards", expanding=True))
+        self._pg_write = _pg_write_statements(self.tables)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -152,46 +149,33 @@ class Outbox:
             # Fault injection only: insert at once, without the key lock.
             sync.connection().execute(self._insert, [self._row(pending)])
             return event
-        queue: list[_Pending] | None = sync.info.get(self._info_key)
-        if queue is None:
-            queue = sync.info[self._info_key] = []
-            self._listen(sync)
-        queue.append(pending)
+        _install_hooks()
+        sync.info.setdefault(_PENDING, {}).setdefault(self, []).append(pending)
         return event
 
-    def _listen(self, session: Session) -> None:
-        if session.info.get(self._info_key + ".hooked"):
-            return
-        session.info[self._info_key + ".hooked"] = True
-        sa_event.listen(session, "before_commit", self._before_commit)
-        sa_event.listen(session, "after_soft_rollback", self._after_soft_rollback)
-
-    def _before_commit(self, session: Session) -> None:
-        queue: list[_Pending] | None = session.info.pop(self._info_key, None)
-        if not queue:
-            return
+    def _write(self, session: Session, queue: list[_Pending]) -> None:
+        """Insert the transaction's events just before it commits (see the module doc)."""
         conn = session.connection()
-        if conn.dialect.name == "postgresql":
-            ns = self.tables.lock_namespace
-            for k in sorted({key_lock(p.event.key) for p in queue}):
-                conn.execute(self._lock_sql, {"ns": ns, "k": k})
-        conn.execute(self._insert, [self._row(p) for p in queue])
-        if conn.dialect.name == "postgresql" and self.notify != "never":
-            if self.notify == "always":
-                conn.execute(self._notify_always, {"ch": self.tables.channel})
-            else:
-                shards = sorted({p.shard for p in queue})
-                conn.execute(self._notify_auto, {"ch": self.tables.channel, "shards": shards})
-
-    def _after_soft_rollback(self, session: Session, previous: SessionTransaction) -> None:
-        queue: list[_Pending] | None = session.info.get(self._info_key)
-        if not queue:
+        if conn.dialect.name != "postgresql":
+            conn.execute(self._insert, [self._row(p) for p in queue])
             return
-        if not previous.nested:
-            session.info.pop(self._info_key, None)
-            return
-        # A rolled-back savepoint drops the events published inside it, and only those.
-        queue[:] = [p for p in queue if not _within(p.tx, previous)]
+        events = [p.event for p in queue]
+        params: dict[str, Any] = {
+            "ns": self.tables.lock_namespace,
+            "locks": sorted({key_lock(e.key) for e in events}),
+            "ids": [e.id for e in events],
+            "topics": [e.topic for e in events],
+            "keys": [e.key for e in events],
+            "types": [e.type for e in events],
+            "payloads": [e.data for e in events],
+            "cts": [e.content_type for e in events],
+            "sources": [e.source for e in events],
+            "headers": [_json_headers(e.headers) for e in events],
+            "times": [e.occurred_at for e in events],
+            "shards": [p.shard for p in queue],
+            "ch": self.tables.channel,
+        }
+        conn.exec_driver_sql(self._pg_write[self.notify], params)
 
     def _row(self, p: _Pending) -> dict[str, Any]:
         e = p.event
@@ -235,6 +219,61 @@ class Outbox:
             return _sync_wrapper(fn, session_factory, fid)
 
         return decorate
+
+
+def _pg_write_statements(tables: Tables) -> dict[str, str]:
+    """One round trip per commit: lock the keys (sorted: no deadlock), insert every event
+    in publish order, and NOTIFY only if a relay of one of these shards sleeps."""
+    write = (
+        "WITH locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(%(ns)s, k)) "
+        "FROM unnest(%(locks)s::int4[]) AS k), "
+        f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
+        "content_type, source, headers, occurred_at, shard) "
+        "SELECT r.* FROM locks, unnest(%(ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], "
+        "%(types)s::text[], %(payloads)s::bytea[], %(cts)s::text[], %(sources)s::text[], "
+        "%(headers)s::json[], %(times)s::timestamptz[], %(shards)s::int2[]) AS r "
+        "RETURNING shard) "
+    )
+    return {
+        "never": write + "SELECT count(*) FROM ins",
+        "always": write + "SELECT pg_notify(%(ch)s, '') FROM (SELECT count(*) FROM ins) AS x",
+        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {tables.shards.name} "
+        "WHERE relay_waiting AND shard IN (SELECT shard FROM ins) LIMIT 1",
+    }
+
+
+def _install_hooks() -> None:
+    """Listen once, on the Session class: per-instance listeners cost more than a commit."""
+    global _hooks_installed
+    if not _hooks_installed:
+        sa_event.listen(Session, "before_commit", _before_commit)
+        sa_event.listen(Session, "after_soft_rollback", _after_soft_rollback)
+        _hooks_installed = True
+
+
+def _before_commit(session: Session) -> None:
+    boxes: dict[Outbox, list[_Pending]] | None = session.info.pop(_PENDING, None)
+    if boxes:
+        for box, queue in boxes.items():
+            if queue:
+                box._write(session, queue)
+
+
+def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+    boxes: dict[Outbox, list[_Pending]] | None = session.info.get(_PENDING)
+    if not boxes:
+        return
+    if not previous.nested:
+        session.info.pop(_PENDING, None)
+        return
+    # A rolled-back savepoint drops the events published inside it, and only those.
+    for queue in boxes.values():
+        queue[:] = [p for p in queue if not _within(p.tx, previous)]
+
+
+def _json_headers(headers: Mapping[str, str | bytes]) -> str | None:
+    encoded = encode_headers(headers)
+    return None if encoded is None else json.dumps(encoded)
 
 
 def _sync_wrapper(fn: Callable[..., R], factory: sessionmaker[Session], fid: int) -> Any:
