@@ -23,7 +23,7 @@ test-integration: .venv/.installed
 	$(WITH_STACK) $(PY) -m pytest tests/integration -p no:cacheprovider
 
 lint: .venv/.installed
-	.venv/bin/ruff check outbox migrations tests benchmarks
+	.venv/bin/ruff check outbox migrations tests benchmarks examples
 
 typecheck: .venv/.installed
 	.venv/bin/mypy
@@ -31,6 +31,10 @@ typecheck: .venv/.installed
 ## benchmarks: reported as ratios to a ceiling measured in the same run
 bench: .venv/.installed
 	$(WITH_STACK) $(PY) -m benchmarks $(BENCH)
+
+## the main job: the orders demo on the real stack, with faults, ending in a summary table
+demo: .venv/.installed
+	$(WITH_STACK) $(PY) -m examples.demo $(DEMO)
 
 stack-up:
 	$(STACK) up

@@ -1,0 +1,1 @@
+"""Examples built on transactional-outbox: the orders demo, and a FastAPI variant."""

@@ -1,0 +1,1 @@
+"""A small orders service: the example users copy (models, service, projector)."""
