@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import time
 
+import sqlalchemy as sa
+
+from outbox.dburl import sqlalchemy_url
+from outbox.event import kafka_headers
 from outbox.publisher import InMemoryPublisher, Publisher, Record
 from outbox.relay import Relay, RelayConfig
+from outbox.schema import DEFAULT_PREFIX, make_tables
+from outbox.writer import decode_headers
 
 
 def drain(db_url: str, publisher: Publisher, *, timeout: float = 60.0,
           config: RelayConfig | None = None) -> int:
-    """Run one relay on PostgreSQL until the outbox holds no publishable event.
+    """Run one relay until the outbox holds no publishable event.
 
     Returns the number of events published. Raises TimeoutError if events remain
-    (e.g. retries backing off) after `timeout` seconds.
+    (e.g. retries backing off) after `timeout` seconds. On SQLite this is the relay:
+    one process, shards in position order, no locks (SQLite has one writer anyway).
     """
+    if sqlalchemy_url(db_url).startswith("sqlite"):
+        return _drain_sqlite(db_url, publisher, timeout, config)
     cfg = config or RelayConfig(db_url=db_url)
     relay = Relay(cfg, lambda: publisher)
     deadline = time.monotonic() + timeout
@@ -36,6 +45,50 @@ def drain(db_url: str, publisher: Publisher, *, timeout: float = 60.0,
             time.sleep(0.01)
     finally:
         relay._drop_connection()
+
+
+def _drain_sqlite(db_url: str, publisher: Publisher, timeout: float,
+                  config: RelayConfig | None) -> int:
+    prefix = config.table_prefix if config else DEFAULT_PREFIX
+    events = make_tables(prefix).events
+    engine = sa.create_engine(db_url)
+    published = 0
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(events).where(events.c.published_at.is_(None))
+                    .order_by(events.c.shard, events.c.position).limit(1000)).all()
+            if not rows:
+                return published
+            sent = [(r, publisher.send(r.topic, r.key.encode(), r.payload, kafka_headers(
+                event_id=r.event_id, type=r.type, source=r.source, occurred_at=r.occurred_at,
+                content_type=r.content_type, headers=decode_headers(r.headers))))
+                for r in rows]
+            while not all(d.done() for _, d in sent):
+                publisher.flush(timeout=1.0)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Kafka did not acknowledge within {timeout}s")
+            halted: set[int] = set()
+            acked = []
+            for r, d in sent:  # each shard's acknowledged prefix, as the relay does
+                if r.shard in halted:
+                    continue
+                if d.error() is not None:
+                    halted.add(r.shard)
+                    continue
+                acked.append(r.position)
+            with engine.begin() as conn:
+                conn.execute(events.delete().where(events.c.position.in_(acked)))
+            published += len(acked)
+            if halted:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"outbox not drained after {timeout}s")
+                publisher.recover()
+                time.sleep(0.05)
+    finally:
+        engine.dispose()
 
 
 __all__ = ["InMemoryPublisher", "Record", "drain"]
