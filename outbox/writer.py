@@ -173,6 +173,7 @@ class Outbox:
             "headers": [_json_headers(e.headers) for e in events],
             "times": [e.occurred_at for e in events],
             "shards": [p.shard for p in queue],
+            "event_shards": sorted({p.shard for p in queue}),
             "ch": self.tables.channel,
         }
         conn.exec_driver_sql(self._pg_write[self.notify], params)
@@ -231,14 +232,15 @@ def _pg_write_statements(tables: Tables) -> dict[str, str]:
         "content_type, source, headers, occurred_at, shard) "
         "SELECT r.* FROM locks, unnest(%(ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], "
         "%(types)s::text[], %(payloads)s::bytea[], %(cts)s::text[], %(sources)s::text[], "
-        "%(headers)s::json[], %(times)s::timestamptz[], %(shards)s::int2[]) AS r "
-        "RETURNING shard) "
+        "%(headers)s::json[], %(times)s::timestamptz[], %(shards)s::int2[]) AS r) "
     )
+    # (A data-modifying WITH runs to completion even when nothing reads it, and no
+    # RETURNING means writers need no SELECT on the events table.)
     return {
-        "never": write + "SELECT count(*) FROM ins",
-        "always": write + "SELECT pg_notify(%(ch)s, '') FROM (SELECT count(*) FROM ins) AS x",
+        "never": write + "SELECT 1",
+        "always": write + "SELECT pg_notify(%(ch)s, '')",
         "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {tables.shards.name} "
-        "WHERE relay_waiting AND shard IN (SELECT shard FROM ins) LIMIT 1",
+        "WHERE relay_waiting AND shard = ANY(%(event_shards)s) LIMIT 1",
     }
 
 
