@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STACK   := scripts/stack
 WITH_STACK := $(STACK) up >&2 && eval "$$($(STACK) env)" &&
 
-.PHONY: test test-unit test-integration lint typecheck demo bench stack-up stack-down clean
+.PHONY: test test-unit test-integration lint typecheck demo bench chaos stack-up stack-down clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -13,7 +13,7 @@ WITH_STACK := $(STACK) up >&2 && eval "$$($(STACK) env)" &&
 
 ## unit + integration tests, on a real PostgreSQL and Kafka (started when needed)
 test: .venv/.installed
-	$(WITH_STACK) $(PY) -m pytest tests/unit tests/integration -p no:cacheprovider
+	$(WITH_STACK) $(PY) -m pytest tests/unit tests/integration tests/chaos -p no:cacheprovider
 
 ## unit tests only: no services
 test-unit: .venv/.installed
@@ -35,6 +35,13 @@ bench: .venv/.installed
 ## the main job: the orders demo on the real stack, with faults, ending in a summary table
 demo: .venv/.installed
 	$(WITH_STACK) $(PY) -m examples.demo $(DEMO)
+
+## the long chaos run: make chaos SEED=1 DURATION=600 [UNSAFE=ack|ordering|dedupe|shards]
+SEED ?= 1
+DURATION ?= 600
+chaos: .venv/.installed
+	$(WITH_STACK) $(PY) -m tests.chaos.run --seed $(SEED) --duration $(DURATION) \
+		--min-faults 50 $(if $(UNSAFE),--unsafe $(UNSAFE))
 
 stack-up:
 	$(STACK) up

@@ -61,6 +61,10 @@ class Store:
             "  ORDER BY position LIMIT %(per_shard)s) e "
             "ORDER BY e.shard, e.position"
         )
+        self._claim_skip_locked = (
+            f"SELECT {EVENT_COLUMNS}, false FROM {ev} WHERE published_at IS NULL "
+            "ORDER BY position LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+        )
         self._delete = f"DELETE FROM {ev} WHERE position = ANY(%(positions)s)"
         self._mark = (
             f"UPDATE {ev} SET published_at = now() WHERE position = ANY(%(positions)s)"
@@ -181,6 +185,11 @@ class Store:
         cur = conn.execute(self._claim, {"shards": shards, "per_shard": per_shard})
         return [Row(*r) for r in cur]
 
+    def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
+        """The naive claim, for fault injection only (`OUTBOX_UNSAFE_DISABLE=shards`):
+        it reorders a key's events as soon as two relays run."""
+        return [Row(*r) for r in conn.execute(self._claim_skip_locked, {"limit": limit})]
+
     def has_pending(self, conn: psycopg.Connection[Any], shards: list[int]) -> bool:
         row = conn.execute(self._has_pending, {"shards": shards}).fetchone()
         return bool(row and row[0])
@@ -256,6 +265,17 @@ class Store:
 
     def purge_inbox(self, conn: psycopg.Connection[Any], age_seconds: float, limit: int) -> int:
         cur = conn.execute(self._inbox_purge, {"age": _interval(age_seconds), "limit": limit})
+        return cur.rowcount
+
+    def purge_inbox_group(self, conn: psycopg.Connection[Any], group: str, age_seconds: float,
+                          limit: int) -> int:
+        """One consumer group's dedupe records older than its retention, at most `limit`."""
+        ib = self.t.inbox.name
+        cur = conn.execute(
+            f"DELETE FROM {ib} WHERE consumer_group = %(group)s AND event_id IN ("
+            f"SELECT event_id FROM {ib} WHERE consumer_group = %(group)s "
+            "AND processed_at < now() - %(age)s LIMIT %(limit)s)",
+            {"group": group, "age": _interval(age_seconds), "limit": limit})
         return cur.rowcount
 
 
