@@ -1,5 +1,6 @@
 """transactional-outbox: write rows and events in one transaction; relay them to Kafka."""
 
+from outbox.consumer import ConsumerRunner, IdempotentConsumer, idempotent_consumer
 from outbox.errors import (
     ConfigError,
     InvalidHeader,
@@ -18,7 +19,9 @@ from outbox.writer import Outbox
 __all__ = [
     "BytesSerializer",
     "ConfigError",
+    "ConsumerRunner",
     "Event",
+    "IdempotentConsumer",
     "InvalidHeader",
     "InvalidKey",
     "InvalidTopic",
@@ -30,5 +33,6 @@ __all__ = [
     "PayloadTooLarge",
     "PublishError",
     "Serializer",
+    "idempotent_consumer",
     "uuid7",
 ]

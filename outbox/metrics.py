@@ -78,3 +78,59 @@ def serve(port: int, registry: Any, healthy: Any) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="outbox-metrics").start()
     return server
+
+
+class ConsumerMetrics:
+    """The idempotent consumer's counters and lag; a registry of None means metrics are off."""
+
+    def __init__(self, registry: Any) -> None:
+        self.on = registry is not None
+        if not self.on:
+            return
+        from prometheus_client import Counter, Gauge, Histogram
+
+        kw = {"registry": registry}
+        self._processed = Counter("outbox_consumer_processed",
+                                  "Events handled and committed", **kw)
+        self._duplicates = Counter("outbox_consumer_duplicates_skipped",
+                                   "Redelivered events skipped by their dedupe record", **kw)
+        self._failed = Counter("outbox_consumer_failed",
+                               "Handler attempts that raised (each retry counts)", **kw)
+        self._dead = Counter("outbox_consumer_dead_lettered",
+                             "Records sent to the dead-letter topic", ["reason"], **kw)
+        self._latency = Histogram("outbox_consumer_batch_seconds",
+                                  "Time to apply and commit one poll batch", **kw)
+        self._lag = Gauge("outbox_consumer_lag",
+                          "Records left per assigned partition (end offset - position)",
+                          ["topic", "partition"], **kw)
+        self._lag_labels: set[tuple[str, str]] = set()
+
+    def batch(self, seconds: float, processed: int, duplicates: int,
+              dead_reasons: list[str]) -> None:
+        if self.on:
+            self._latency.observe(seconds)
+            self._processed.inc(processed)
+            self._duplicates.inc(duplicates)
+            for reason in dead_reasons:
+                self._dead.labels(reason).inc()
+
+    def failed(self) -> None:
+        if self.on:
+            self._failed.inc()
+
+    def lag(self, lags: dict[tuple[str, int], int]) -> None:
+        """Set the lag of the assigned partitions; drop the series of the others."""
+        if not self.on:
+            return
+        current = {(topic, str(p)) for topic, p in lags}
+        for labels in self._lag_labels - current:
+            self._lag.remove(*labels)
+        for (topic, p), n in lags.items():
+            self._lag.labels(topic, str(p)).set(n)
+        self._lag_labels = current
+
+    def forget(self, topic: str, partition: int) -> None:
+        labels = (topic, str(partition))
+        if self.on and labels in self._lag_labels:
+            self._lag.remove(*labels)
+            self._lag_labels.discard(labels)
