@@ -234,5 +234,57 @@ def _clean(exc: BaseException, url: str) -> str:
     return text.replace(str(password), "***") if password else text
 
 
+@main.command()
+@click.argument("target", envvar="OUTBOX_CONSUMER")
+@db_option
+@kafka_option
+@prefix_option
+@click.option("--group-id", envvar="OUTBOX_GROUP_ID", default=None, show_envvar=True,
+              help="Consumer group (default: the consumer's own group_id).")
+@click.option("--max-poll-records", envvar="OUTBOX_MAX_POLL_RECORDS", default=500,
+              show_default=True, type=click.IntRange(1, 100_000), show_envvar=True,
+              help="Records per poll batch, i.e. per database transaction.")
+@click.option("--session-timeout-ms", envvar="OUTBOX_KAFKA_SESSION_TIMEOUT_MS", default=None,
+              type=click.IntRange(1000, 3_600_000), show_envvar=True,
+              help="Kafka group session timeout: how soon a dead consumer's partitions move "
+                   "(kafka-python's default: 45000).")
+@click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", default=None, show_envvar=True,
+              type=click.IntRange(1, 65535), help="Serve /metrics and /healthz on this port.")
+def consume(target: str, db_url: str, kafka: str, table_prefix: str, group_id: str | None,
+            max_poll_records: int, session_timeout_ms: int | None,
+            metrics_port: int | None) -> None:
+    """Run an idempotent consumer, TARGET = package.module:ClassName, until SIGTERM.
+
+    TARGET is an IdempotentConsumer subclass or a function decorated with @consumer(...);
+    the current directory is importable.
+    """
+    import os
+
+    from outbox.consumer import ConsumerRunner, load_consumer
+    from outbox.errors import ConfigError
+    from outbox.metrics import ConsumerMetrics, serve
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        handler = load_consumer(target)
+        registry = None
+        if metrics_port:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry()
+        runner = ConsumerRunner(
+            handler, db_url=db_url, kafka=kafka, table_prefix=table_prefix, group_id=group_id,
+            max_poll_records=max_poll_records, session_timeout_ms=session_timeout_ms,
+            metrics=ConsumerMetrics(registry),
+        )
+    except ConfigError as exc:
+        raise click.ClickException(_clean(exc, db_url)) from None
+    if metrics_port:
+        serve(metrics_port, registry, runner.healthy)
+    runner.install_signal_handlers()
+    runner.run()
+
+
 if __name__ == "__main__":
     sys.exit(main())
