@@ -16,10 +16,12 @@ One poll batch is one database transaction:
 1. every record is turned back into an Event (CloudEvents headers, the id from the
    consumer's `id_header`); one that cannot be (no id, undecodable payload) goes to the
    dead-letter topic at once;
-2. one query finds which of the batch's event ids this group has processed already;
-3. per record, in partition offset order, under a savepoint: insert the dedupe record
-   (group, event id) -- a conflict means another copy got there first -- then `handle`;
-   an exception rolls back that savepoint only;
+2. one statement inserts the dedupe records (group, event id) of the whole batch
+   (ON CONFLICT DO NOTHING): the ids it returns are new, the others were processed before
+   -- so deduplication costs one round trip per batch, not per event;
+3. per new event, in partition offset order, under a savepoint: `handle`; an exception
+   rolls back that savepoint only; the dedupe records of events the batch did not finish
+   (failed, or held back behind a failure) are deleted again before the commit;
 4. the transaction commits, and only then are the Kafka offsets of the finished records
    committed.
 
@@ -504,7 +506,11 @@ class ConsumerRunner:
         try:
             with self._sessions() as session, session.begin():
                 conn = self._raw(session)
-                seen = self._seen(conn, parts) if dedupe else set()
+                # One statement inserts the batch's dedupe records: what it returns is new;
+                # anything else was processed before (a concurrent claim blocks until its
+                # transaction ends, then counts as processed if it committed).
+                claimed = self._claim(conn, parts) if dedupe else None
+                finished: set[uuid.UUID] = set()
                 for tp, recs in parts:
                     if self._stop.is_set():
                         out.rewind[tp] = recs[0][0].offset
@@ -513,38 +519,45 @@ class ConsumerRunner:
                         if self._stop.is_set():
                             out.rewind[tp] = record.offset
                             break
-                        if not self._one_in_tx(session, conn, tp, record, event, seen, dedupe,
-                                               out):
+                        if not self._one_in_tx(session, conn, tp, record, event, claimed,
+                                               finished, out):
                             break
                         out.commit[tp] = record.offset + 1
+                if claimed:
+                    unfinished = claimed - finished  # failed, held back or cut short
+                    if unfinished:
+                        self.store.unclaim_inbox(conn, self.group_id, sorted(unfinished))
         except (_BatchFailed, HandlerMisuse):
             raise
         except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
             raise _BatchFailed(_first_line(exc)) from exc
         return out
 
+    def _claim(self, conn: psycopg.Connection[Any],
+               parts: list[tuple[Any, list[tuple[Any, Any]]]]) -> set[uuid.UUID]:
+        ids = [e.id for _, recs in parts for _, e in recs if isinstance(e, Event)]
+        return self.store.claim_inbox(conn, self.group_id, ids) if ids else set()
+
     def _one_in_tx(self, session: Session, conn: psycopg.Connection[Any], tp: Any,
-                   record: Any, event: Event | MalformedRecord, seen: set[uuid.UUID],
-                   dedupe: bool, out: _Outcome) -> bool:
+                   record: Any, event: Event | MalformedRecord,
+                   claimed: set[uuid.UUID] | None, finished: set[uuid.UUID],
+                   out: _Outcome) -> bool:
         """True when the record is finished; False when its partition must wait."""
         if isinstance(event, MalformedRecord):
             return self._dead_letter(tp, record, REASON_MALFORMED, str(event), out, None)
-        if event.id in seen:
-            out.duplicates += 1
+        if claimed is not None and (event.id not in claimed or event.id in finished):
+            out.duplicates += 1  # processed before, or earlier in this batch
             return True
         sp = session.begin_nested()
-        # SQLAlchemy emits the SAVEPOINT lazily, at the session's next statement; the dedupe
-        # insert goes through the raw connection, so make it happen now, or a rolled-back
-        # event would keep its dedupe record (and be skipped forever).
+        # SQLAlchemy emits the SAVEPOINT lazily, at the session's next statement: make it
+        # happen now, so whatever the handler does (even through the raw connection) is
+        # inside it.
         session.connection()
         try:
-            fresh = not dedupe or self.store.mark_processed(conn, self.group_id, event.id)
-            if fresh:
-                self.consumer.handle(event, session)
+            self.consumer.handle(event, session)
         except Exception as exc:
             self._rollback(sp, conn, exc)
-            return self._failed(tp, record, event, exc, out,
-                                lambda: self._mark_in_tx(conn, event.id, dedupe))
+            return self._failed(tp, record, event, exc, out, lambda: finished.add(event.id))
         if not sp.is_active:
             raise HandlerMisuse(f"{type(self.consumer).__name__}.handle committed or rolled "
                                 "back the session; the runner commits it after the batch")
@@ -552,21 +565,11 @@ class ConsumerRunner:
             sp.commit()  # flushes the handler's pending ORM changes, releases the savepoint
         except Exception as exc:
             self._rollback(sp, conn, exc)
-            return self._failed(tp, record, event, exc, out,
-                                lambda: self._mark_in_tx(conn, event.id, dedupe))
-        if dedupe:
-            seen.add(event.id)
-        if fresh:
-            out.processed += 1
-        else:
-            out.duplicates += 1  # another copy (another partition, another consumer) won
+            return self._failed(tp, record, event, exc, out, lambda: finished.add(event.id))
+        finished.add(event.id)
+        out.processed += 1
         self._attempts.pop((tp, record.offset), None)
         return True
-
-    def _mark_in_tx(self, conn: psycopg.Connection[Any], event_id: uuid.UUID,
-                    dedupe: bool) -> None:
-        if dedupe:
-            self.store.mark_processed(conn, self.group_id, event_id)
 
     def _process_external(self, parts: list[tuple[Any, list[tuple[Any, Any]]]]) -> _Outcome:
         """One transaction per event; the dedupe record joins it after `handle` returned."""

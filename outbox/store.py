@@ -278,6 +278,26 @@ class Store:
             {"group": group, "age": _interval(age_seconds), "limit": limit})
         return cur.rowcount
 
+    def claim_inbox(self, conn: psycopg.Connection[Any], group: str,
+                    ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Insert a batch's dedupe records in one statement; returns the ids not processed
+        before. Sorted, so two consumers claiming overlapping ids lock them in one order."""
+        ib = self.t.inbox.name
+        rows = conn.execute(
+            f"INSERT INTO {ib} (consumer_group, event_id, processed_at) "
+            "SELECT %(group)s, id, now() FROM unnest(%(ids)s::uuid[]) AS u(id) ORDER BY id "
+            "ON CONFLICT DO NOTHING RETURNING event_id",
+            {"group": group, "ids": sorted(set(ids))})
+        return {r[0] for r in rows}
+
+    def unclaim_inbox(self, conn: psycopg.Connection[Any], group: str,
+                      ids: list[uuid.UUID]) -> int:
+        """Remove dedupe records claimed by a batch for events it did not finish."""
+        cur = conn.execute(
+            f"DELETE FROM {self.t.inbox.name} WHERE consumer_group = %(group)s "
+            "AND event_id = ANY(%(ids)s)", {"group": group, "ids": ids})
+        return cur.rowcount
+
 
 def _interval(seconds: float) -> Any:
     from datetime import timedelta

@@ -441,6 +441,24 @@ def test_the_decorator_form(
 
 # -- the dedupe record matters; redelivery; failures -------------------------------------
 
+def test_copies_of_an_event_on_different_partitions_are_applied_once(
+    counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,
+    new_topic: Callable[..., str], runners: list[ConsumerRunner]
+) -> None:
+    """A foreign producer may re-key a republished event: the id still decides."""
+    topic = new_topic(3)
+    events = make_events(topic, 40, keys=8)
+    records = [e.to_record() for e in events]
+    rekeyed = [(b"other-" + k, v, h) for k, v, h in records]  # other keys: other partitions
+    produce(kafka_bootstrap, topic, records + rekeyed + records[:5])
+    runner = make_runner(runners, CounterConsumer(topic, "rekeyed"), db_url, kafka_bootstrap)
+    run_until(runner, lambda: runner.stats.processed + runner.stats.duplicates == 85,
+              "all 85 records finished")
+    assert runner.stats.processed == 40 and runner.stats.duplicates == 45
+    got = counters(counter_table)
+    assert len(got) == 40 and set(got.values()) == {1}
+
+
 def test_without_the_dedupe_record_duplicates_are_applied_twice(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,
     new_topic: Callable[..., str], runners: list[ConsumerRunner]
