@@ -314,6 +314,7 @@ class ConsumerRunner:
         lag_interval: float = 10.0,
         dlq_timeout: float = 30.0,
         commit_timeout: float = 10.0,
+        idle_tx_timeout: float | None = 60.0,
     ) -> None:
         if isinstance(consumer, type):
             consumer = consumer()
@@ -346,11 +347,17 @@ class ConsumerRunner:
             if engine is None:
                 if db_url is None:
                     raise ConfigError("ConsumerRunner needs db_url, engine or session_factory")
+                connect_args: dict[str, Any] = {
+                    "connect_timeout": 5,
+                    "application_name": f"outbox-consumer {self.group_id}"[:63]}
+                if idle_tx_timeout:
+                    # A stalled consumer (SIGSTOP, hung call) must not keep its batch's
+                    # dedupe records locked forever: the next owner's claim waits on them.
+                    connect_args["options"] = (f"-c idle_in_transaction_session_timeout="
+                                               f"{int(idle_tx_timeout * 1000)}")
                 engine = self._engine = sa.create_engine(
                     sqlalchemy_url(db_url), pool_pre_ping=True, pool_size=2, max_overflow=2,
-                    connect_args={"connect_timeout": 5,
-                                  "application_name": f"outbox-consumer {self.group_id}"[:63]},
-                )
+                    connect_args=connect_args)
             session_factory = sessionmaker(engine)
         self._sessions = session_factory
         self._where = mask(db_url) if db_url else repr(engine or session_factory)

@@ -551,6 +551,23 @@ def test_kafka_unreachable_is_retried_without_crashing_and_stop_still_works(
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
 
 
+def test_a_stalled_consumer_cannot_hold_its_batch_locked_forever(db_url: str) -> None:
+    runner = ConsumerRunner(CounterConsumer("t", "stall"), db_url=db_url, kafka="127.0.0.1:1",
+                            idle_tx_timeout=0.5)
+    try:
+        with runner._sessions() as session:
+            assert session.scalar(sa.text("SHOW idle_in_transaction_session_timeout")) == "500ms"
+            runner.store.claim_inbox(runner._raw(session), "stall", [uuid.uuid4()])
+            time.sleep(1.5)  # stalled inside the transaction, past the timeout
+            with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction timeout"):
+                session.execute(sa.text("SELECT 1"))
+            session.rollback()
+        with runner._sessions() as session:  # the claim died with the session
+            assert session.scalar(sa.text("SELECT count(*) FROM outbox_inbox")) == 0
+    finally:
+        runner.close()
+
+
 def test_old_dedupe_records_of_the_group_are_purged_in_batches(
     counter_table: sa.Engine, db_url: str
 ) -> None:
