@@ -53,6 +53,7 @@ async def place_order(session: AsyncSession, new: NewOrder) -> Placed:
 async def create_order(new: NewOrder) -> Placed:
     """The order row and its OrderPlaced event commit together, or neither does."""
     try:
-        return await place_order(new)
+        placed: Placed = await place_order(new)
+        return placed
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
