@@ -46,6 +46,9 @@ KAFKA_PROXIED_PORT = 9094  # the broker's PROXIED listener (scripts/kafka/server
 KAFKA_PROXY_PORT = 9095  # advertised for that listener: where this harness listens
 PG_PROXY_PORT = 25432
 LEASE = 3
+# Roughly how long one fault of each kind takes to inject and undo (seconds).
+COST = {"relay_kill": 1.0, "consumer_kill": 1.0, "relay_pause": 5.0, "kafka_kill": 6.0,
+        "pg_restart": 3.0, "net_cut": 0.0, "net_blackhole": 6.0, "net_latency": 4.0}
 KINDS = ("relay_kill", "consumer_kill", "relay_pause", "kafka_kill", "pg_restart",
          "net_cut", "net_blackhole", "net_latency")
 
@@ -206,9 +209,9 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
 
     stop = threading.Event()
     lock = threading.Lock()
-    mean_gap = max(2.0, duration / 60)  # about 60 faults of each kind per run
-
     def faults(kind: str) -> None:
+        # About 75 faults of each kind per run: the gap makes up what the fault doesn't take.
+        mean_gap = max(0.5, duration / 75 - COST[kind])
         rng = random.Random(f"{seed}-{kind}")
         stop.wait(rng.uniform(0.5, mean_gap))
         while not stop.is_set():
