@@ -84,6 +84,10 @@ kafka_option = click.option(
               type=click.IntRange(0, 60_000), show_envvar=True)
 @click.option("--kafka-batch-bytes", envvar="OUTBOX_KAFKA_BATCH_BYTES", default=256 * 1024,
               show_default=True, type=click.IntRange(1024, 64 * 1024 * 1024), show_envvar=True)
+@click.option("--delivery-timeout-ms", envvar="OUTBOX_DELIVERY_TIMEOUT_MS", default=120_000,
+              show_default=True, type=click.IntRange(1000, 3_600_000), show_envvar=True,
+              help="How long the producer retries a send before the relay sees it fail "
+                   "(then the relay retries the shard with backoff).")
 @click.option("--compression", envvar="OUTBOX_COMPRESSION", default=None, show_envvar=True,
               type=click.Choice(["gzip", "snappy", "lz4", "zstd"]))
 @click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", default=None, show_envvar=True,
@@ -92,14 +96,18 @@ kafka_option = click.option(
 def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int, batch_size: int,
           poll_interval: float, lease_seconds: float, max_attempts: int,
           retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
-          compression: str | None, metrics_port: int | None, relay_id: str | None) -> None:
+          delivery_timeout_ms: int, compression: str | None, metrics_port: int | None,
+          relay_id: str | None) -> None:
     """Run a relay worker: publish the outbox to Kafka until SIGTERM."""
     from outbox.metrics import RelayMetrics, serve
     from outbox.publisher import KafkaPublisher, KafkaSettings
     from outbox.relay import Relay, RelayConfig
 
-    settings = KafkaSettings(kafka, linger_ms=linger_ms, batch_size=kafka_batch_bytes,
-                             compression_type=compression)
+    settings = KafkaSettings(
+        kafka, linger_ms=linger_ms, batch_size=kafka_batch_bytes, compression_type=compression,
+        delivery_timeout_ms=delivery_timeout_ms,
+        request_timeout_ms=min(30_000, delivery_timeout_ms - linger_ms),
+    )
     config = RelayConfig(
         db_url=db_url, table_prefix=table_prefix, num_shards=num_shards,
         batch_size=batch_size, poll_interval=poll_interval, lease_seconds=lease_seconds,

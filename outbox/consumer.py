@@ -269,6 +269,17 @@ class _Outcome:
     dead: list[str] = field(default_factory=list)  # reasons
 
 
+class _NeedSavepoints(Exception):
+    """A handler failed on the fast path: redo the batch with a savepoint per event.
+
+    Carries the failure (partition, offset, error) so the redo counts it as that
+    record's attempt instead of calling the handler once more."""
+
+    def __init__(self, failure: tuple[Any, int, Exception] | None = None) -> None:
+        super().__init__()
+        self.failure = failure
+
+
 class _BatchFailed(Exception):
     """The database (or the connection to it) failed: nothing of the batch counts."""
 
@@ -470,7 +481,7 @@ class ConsumerRunner:
             return 0
         try:
             out = self._process_external(parts) if self.consumer.external \
-                else self._process_in_tx(parts)
+                else self._process_batch(parts)
         except _BatchFailed as exc:
             self._db_ok = False
             for tp, recs in parts:
@@ -507,7 +518,22 @@ class ConsumerRunner:
         except MalformedRecord as exc:
             return exc
 
-    def _process_in_tx(self, parts: list[tuple[Any, list[tuple[Any, Any]]]]) -> _Outcome:
+    def _process_batch(self, parts: list[tuple[Any, list[tuple[Any, Any]]]]) -> _Outcome:
+        """The fast path first: no savepoints, which cost three round trips per event.
+        If any handler fails, that transaction rolls back whole and the batch is redone
+        with a savepoint per event, so a failing event still rolls back only itself."""
+        fast = not any(isinstance(e, MalformedRecord) for _, recs in parts for _, e in recs)
+        failure = None
+        if fast:
+            try:
+                return self._process_in_tx(parts, savepoints=False)
+            except _NeedSavepoints as exc:
+                failure = exc.failure
+        return self._process_in_tx(parts, savepoints=True, failure=failure)
+
+    def _process_in_tx(self, parts: list[tuple[Any, list[tuple[Any, Any]]]],
+                       savepoints: bool,
+                       failure: tuple[Any, int, Exception] | None = None) -> _Outcome:
         out = _Outcome()
         dedupe = not _unsafe.disabled("dedupe")
         try:
@@ -527,16 +553,18 @@ class ConsumerRunner:
                             out.rewind[tp] = record.offset
                             break
                         if not self._one_in_tx(session, conn, tp, record, event, claimed,
-                                               finished, out):
+                                               finished, out, savepoints, failure):
                             break
                         out.commit[tp] = record.offset + 1
                 if claimed:
                     unfinished = claimed - finished  # failed, held back or cut short
                     if unfinished:
                         self.store.unclaim_inbox(conn, self.group_id, sorted(unfinished))
-        except (_BatchFailed, HandlerMisuse):
+        except (_BatchFailed, HandlerMisuse, _NeedSavepoints):
             raise
         except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
+            if not savepoints and not _disconnect(exc):
+                raise _NeedSavepoints from exc  # e.g. a flush at commit failed
             raise _BatchFailed(_first_line(exc)) from exc
         return out
 
@@ -548,13 +576,33 @@ class ConsumerRunner:
     def _one_in_tx(self, session: Session, conn: psycopg.Connection[Any], tp: Any,
                    record: Any, event: Event | MalformedRecord,
                    claimed: set[uuid.UUID] | None, finished: set[uuid.UUID],
-                   out: _Outcome) -> bool:
+                   out: _Outcome, savepoints: bool = True,
+                   failure: tuple[Any, int, Exception] | None = None) -> bool:
         """True when the record is finished; False when its partition must wait."""
         if isinstance(event, MalformedRecord):
             return self._dead_letter(tp, record, REASON_MALFORMED, str(event), out, None)
         if claimed is not None and (event.id not in claimed or event.id in finished):
             out.duplicates += 1  # processed before, or earlier in this batch
             return True
+        if not savepoints:
+            try:
+                self.consumer.handle(event, session)
+            except Exception as exc:
+                if _connection_lost(exc, conn):
+                    raise _BatchFailed(_first_line(exc)) from exc
+                raise _NeedSavepoints((tp, record.offset, exc)) from exc
+            if session.get_transaction() is None:
+                raise HandlerMisuse(f"{type(self.consumer).__name__}.handle committed or "
+                                    "rolled back the session; the runner commits it after "
+                                    "the batch")
+            finished.add(event.id)
+            out.processed += 1
+            self._attempts.pop((tp, record.offset), None)
+            return True
+        if failure is not None and failure[:2] == (tp, record.offset):
+            # it failed on the fast path a moment ago: that was this attempt
+            return self._failed(tp, record, event, failure[2], out,
+                                lambda: finished.add(event.id))
         sp = session.begin_nested()
         # SQLAlchemy emits the SAVEPOINT lazily, at the session's next statement: make it
         # happen now, so whatever the handler does (even through the raw connection) is
@@ -936,6 +984,14 @@ def dead_letter_headers(headers: Iterable[tuple[str, bytes | None]], *, topic: s
         ("outbox_reason", reason.encode()),
     ]
     return out
+
+
+def _disconnect(exc: BaseException) -> bool:
+    """An error that means the database connection is gone (not a bad statement)."""
+    lost = (psycopg.OperationalError, psycopg.InterfaceError)
+    if isinstance(exc, sa.exc.DBAPIError):
+        return bool(exc.connection_invalidated) or isinstance(exc.orig, lost)
+    return isinstance(exc, lost)
 
 
 def _connection_lost(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:

@@ -196,11 +196,15 @@ class Relay:
             return 0
         if _unsafe.disabled("ack"):  # fault injection: forget the events before Kafka acks
             self.store.acknowledge(conn, [r.position for r, _ in batch], keep=False)
+            log.debug("relay %s: UNSAFE: deleted %d events before Kafka acknowledged them",
+                      self.relay_id, len(batch))
         self._await(conn, publisher, batch)
         isolated = {row.shard for row, _ in batch} & self._isolate
         self._isolate -= isolated
         published = self._settle(conn, batch, isolated)
         self.metrics.batch(time.monotonic() - started, published)
+        log.debug("relay %s: batch of %d sent, %d acknowledged in %.3fs", self.relay_id,
+                  len(batch), published, time.monotonic() - started)
         return len(batch)
 
     def _await(self, conn: psycopg.Connection[Any], publisher: Publisher,

@@ -87,6 +87,8 @@ class TcpProxy:
                     time.sleep(0.05)
                     continue
                 readable, _, _ = select.select([a, b], [], [], 0.2)
+                if time.monotonic() < self.blackhole_until:
+                    continue  # it started while we waited: hold these bytes back too
                 for sock in readable:
                     data = sock.recv(65536)
                     if not data:

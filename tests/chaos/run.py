@@ -199,6 +199,8 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
     relay_procs = [Proc(f"relay-{i}", [py, "-m", "outbox.cli", "relay", "--db", proxied_url,
                                         "--kafka", f"127.0.0.1:{KAFKA_PROXY_PORT}",
                                         "--lease", str(LEASE), "--poll-interval", "0.5",
+                                        # sends fail during a broker outage: retry paths run
+                                        "--delivery-timeout-ms", "4000",
                                         "--relay-id", f"relay-{i}"],
                         env_for("relay"), logs) for i in range(relays)]
     consumer_procs = [Proc(f"consumer-{i}", [py, "-m", "outbox.cli", "consume",

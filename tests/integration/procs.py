@@ -48,7 +48,8 @@ class RelayProcess:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "outbox.cli", "relay", "--db", self.db_url,
+                [sys.executable, "-m", "outbox.cli", "--log-level",
+                 self.env.get("OUTBOX_LOG_LEVEL", "INFO"), "relay", "--db", self.db_url,
                  "--kafka", self.kafka, "--poll-interval", "0.5", "--lease", "5",
                  "--relay-id", self.name],
                 stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,

@@ -18,7 +18,9 @@ import pytest
 from tests.integration.procs import (
     RelayProcess,
     Writer,
+    Writes,
     order_violations,
+    pending_count,
     read_all,
     stack,
     wait_drained,
@@ -95,3 +97,50 @@ def test_database_restarted_immediately(
     writer.join()
     assert writer.writes.failures > 0, "the restart should have interrupted some writes"
     check(writer, kafka_bootstrap, topic, db_url, relays)
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["ack-before-delete", "UNSAFE-no-ack"])
+def test_relay_killed_while_kafka_is_unreachable(
+    db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path,
+    unsafe: bool,
+) -> None:
+    """The relay deletes only what Kafka acknowledged: killed while its sends hang in a
+    blackholed connection, it loses nothing. Without that mechanism the same run loses
+    events, which shows this check can fail."""
+    from tests.chaos.proxy import TcpProxy
+    from tests.chaos.run import KAFKA_PROXIED_PORT, KAFKA_PROXY_PORT
+
+    topic = new_topic()
+    proxy = TcpProxy(KAFKA_PROXY_PORT, KAFKA_PROXIED_PORT, "kafka")
+    env = {"OUTBOX_LOG_LEVEL": "DEBUG"}
+    if unsafe:
+        env["OUTBOX_UNSAFE_DISABLE"] = "ack"
+    relay = RelayProcess(db_url, f"127.0.0.1:{KAFKA_PROXY_PORT}", tmp_path, "relay",
+                         extra_env=env)
+    try:
+        writer = Writer(db_url, topic, total=200, keys=10, rate=400).start()
+        writer.join()
+        time.sleep(3)  # the relay has published these
+        proxy.blackhole(60)
+        writer = Writer(db_url, topic, total=200, keys=10, rate=400)
+        writer.writes = Writes()
+        writer.start().join()
+        time.sleep(3)  # claimed and sent into the void
+        relay.kill()
+    finally:
+        proxy.close()
+    relay = RelayProcess(db_url, kafka_bootstrap, tmp_path, "relay-after")
+    try:
+        committed = set(writer.writes.committed)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and pending_count(db_url):
+            time.sleep(0.5)
+        got = read_all(kafka_bootstrap, topic, committed, timeout=20)
+    finally:
+        relay.terminate()
+    lost = committed - got.ids
+    if unsafe:
+        assert lost, ("deleting before the ack should have lost the events in flight: "
+                      f"{len(committed)} committed, {len(got.ids)} in Kafka")
+    else:
+        assert not lost
