@@ -101,6 +101,7 @@ class Outbox:
         self.notify = notify
         self._insert = self.tables.events.insert()
         self._pg_write = _pg_write_statements(self.tables)
+        self._pg_write_one = _pg_write_one_statements(self.tables)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -159,6 +160,16 @@ class Outbox:
         if conn.dialect.name != "postgresql":
             conn.execute(self._insert, [self._row(p) for p in queue])
             return
+        ch = self.tables.channel
+        if len(queue) == 1:  # the common case: scalar parameters adapt faster than arrays
+            p, e = queue[0], queue[0].event
+            conn.exec_driver_sql(self._pg_write_one[self.notify], {
+                "ns": self.tables.lock_namespace, "lock": key_lock(e.key), "id": e.id,
+                "topic": e.topic, "key": e.key, "type": e.type, "payload": e.data,
+                "ct": e.content_type, "source": e.source, "headers": _json_headers(e.headers),
+                "time": e.occurred_at, "shard": p.shard, "ch": ch,
+            })
+            return
         events = [p.event for p in queue]
         params: dict[str, Any] = {
             "ns": self.tables.lock_namespace,
@@ -174,7 +185,7 @@ class Outbox:
             "times": [e.occurred_at for e in events],
             "shards": [p.shard for p in queue],
             "event_shards": sorted({p.shard for p in queue}),
-            "ch": self.tables.channel,
+            "ch": ch,
         }
         conn.exec_driver_sql(self._pg_write[self.notify], params)
 
@@ -241,6 +252,23 @@ def _pg_write_statements(tables: Tables) -> dict[str, str]:
         "always": write + "SELECT pg_notify(%(ch)s, '')",
         "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {tables.shards.name} "
         "WHERE relay_waiting AND shard = ANY(%(event_shards)s) LIMIT 1",
+    }
+
+
+def _pg_write_one_statements(tables: Tables) -> dict[str, str]:
+    """The same for a transaction that published one event."""
+    write = (
+        "WITH locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(ns)s, %(lock)s)), "
+        f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
+        "content_type, source, headers, occurred_at, shard) "
+        "SELECT %(id)s, %(topic)s, %(key)s, %(type)s, %(payload)s, %(ct)s, %(source)s, "
+        "%(headers)s::json, %(time)s, %(shard)s FROM locks) "
+    )
+    return {
+        "never": write + "SELECT 1",
+        "always": write + "SELECT pg_notify(%(ch)s, '')",
+        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {tables.shards.name} "
+        "WHERE relay_waiting AND shard = %(shard)s LIMIT 1",
     }
 
 
