@@ -120,7 +120,7 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int, batch_siz
         registry = CollectorRegistry()
     worker = Relay(config, lambda: KafkaPublisher(settings), RelayMetrics(registry))
     if metrics_port:
-        serve(metrics_port, registry, lambda: worker._conn is not None)
+        serve(metrics_port, registry, worker.healthy)
     worker.install_signal_handlers()
     worker.run()
 

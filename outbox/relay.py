@@ -114,6 +114,10 @@ class Relay:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    def healthy(self) -> bool:
+        """For /healthz: the relay holds its database session (and so its shards)."""
+        return self._conn is not None and not self._conn.closed
+
     @property
     def owned_shards(self) -> list[int]:
         return sorted(self._owned)
