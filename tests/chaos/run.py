@@ -46,9 +46,6 @@ KAFKA_PROXIED_PORT = 9094  # the broker's PROXIED listener (scripts/kafka/server
 KAFKA_PROXY_PORT = 9095  # advertised for that listener: where this harness listens
 PG_PROXY_PORT = 25432
 LEASE = 3
-# Roughly how long one fault of each kind takes to inject and undo (seconds).
-COST = {"relay_kill": 1.0, "consumer_kill": 1.0, "relay_pause": 5.0, "kafka_kill": 6.0,
-        "pg_restart": 3.0, "net_cut": 0.0, "net_blackhole": 6.0, "net_latency": 4.0}
 KINDS = ("relay_kill", "consumer_kill", "relay_pause", "kafka_kill", "pg_restart",
          "net_cut", "net_blackhole", "net_latency")
 
@@ -211,19 +208,24 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
 
     stop = threading.Event()
     lock = threading.Lock()
+    # Each kind gets about 70 slots per 10 minutes and fires at a random moment in each;
+    # a kind whose faults take longer than a slot fires again at once, to catch up.
+    slots = max(1, round(duration / 600 * 70))
+    slot = duration / slots
+    clock = {"started": time.monotonic()}
+
     def faults(kind: str) -> None:
-        # About 75 faults of each kind per run: the gap makes up what the fault doesn't take.
-        mean_gap = max(0.5, duration / 75 - COST[kind])
         rng = random.Random(f"{seed}-{kind}")
-        stop.wait(rng.uniform(0.5, mean_gap))
-        while not stop.is_set():
+        for i in range(slots):
+            at = clock["started"] + i * slot + rng.uniform(0, slot * 0.8)
+            if stop.wait(max(0.0, at - time.monotonic())):
+                return
             try:
                 inject(kind, rng)
                 with lock:
                     report.faults[kind] += 1
             except Exception as exc:  # a fault that could not be injected is reported
                 log(f"fault {kind} failed: {exc}")
-            stop.wait(rng.expovariate(1 / mean_gap))
 
     def inject(kind: str, rng: random.Random) -> None:
         if kind == "relay_kill":
@@ -242,8 +244,9 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
             rng.choice(proxies).cut(refuse_for=rng.uniform(0, 2))
         elif kind == "net_blackhole":
             proxy = rng.choice(proxies)
-            proxy.blackhole(rng.uniform(2, 6))
-            time.sleep(6)
+            seconds = rng.uniform(2, 6)
+            proxy.blackhole(seconds)
+            time.sleep(seconds)
         elif kind == "net_latency":
             proxy = rng.choice(proxies)
             proxy.slow(rng.uniform(0.02, 0.2))
@@ -251,7 +254,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
             proxy.slow(0.0)
 
     threads = [threading.Thread(target=faults, args=(k,), daemon=True) for k in KINDS]
-    started = time.monotonic()
+    started = clock["started"] = time.monotonic()
     log(f"chaos seed={seed} duration={duration:.0f}s unsafe={unsafe or '-'} logs={logs}")
     for t in threads:
         t.start()
