@@ -174,9 +174,12 @@ class Relay:
         return done
 
     def _cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
+        """Claim and send a batch; while Kafka works on it, claim and send the next events
+        of the shards that have more; then settle both, in order."""
         shards = sorted(self._owned)
         per_shard = max(1, self.config.batch_size // len(shards))
-        if _unsafe.disabled("shards"):
+        naive = _unsafe.disabled("shards")
+        if naive:
             rows = self.store.claim_skip_locked(conn, min(per_shard, 100))
         else:
             rows = self.store.claim(conn, shards, per_shard)
@@ -184,6 +187,37 @@ class Relay:
             self.metrics.backlog_empty()
             return 0
         started = time.monotonic()
+        first = self._send(conn, publisher, rows)
+        if not first:
+            return 0
+        second: list[tuple[Row, Delivery]] = []
+        last: dict[int, int] = {}
+        counts: dict[int, int] = {}
+        for row, _ in first:
+            last[row.shard] = row.position
+            counts[row.shard] = counts.get(row.shard, 0) + 1
+        more = [s for s, n in counts.items() if n == per_shard and s not in self._isolate]
+        if more and not naive:  # these shards may hold more: pipeline their next events
+            second = self._send(conn, publisher, self.store.claim(
+                conn, more, per_shard, [last[s] for s in more]))
+        # Shards whose head went alone in the first batch (never pipelined).
+        isolated = {row.shard for row, _ in first} & self._isolate
+        halted: set[int] = set()
+        published = 0
+        for batch, alone in ((first, isolated), (second, set())):
+            if not batch:
+                continue
+            self._await(conn, publisher, batch)
+            self._isolate -= alone
+            published += self._settle(conn, batch, alone, halted)
+        self.metrics.batch(time.monotonic() - started, published)
+        log.debug("relay %s: %d + %d events sent, %d acknowledged in %.3fs", self.relay_id,
+                  len(first), len(second), published, time.monotonic() - started)
+        return len(first) + len(second)
+
+    def _send(self, conn: psycopg.Connection[Any], publisher: Publisher,
+              rows: list[Row]) -> list[tuple[Row, Delivery]]:
+        """Send claimed rows in order, skipping each shard from a head that must wait."""
         batch: list[tuple[Row, Delivery]] = []
         blocked: set[int] = set()
         for row in rows:
@@ -196,20 +230,11 @@ class Relay:
                 blocked.add(row.shard)  # this head goes alone; the rest waits
             batch.append((row, publisher.send(row.topic, row.key.encode(), bytes(row.payload),
                                               _headers(row))))
-        if not batch:
-            return 0
-        if _unsafe.disabled("ack"):  # fault injection: forget the events before Kafka acks
+        if batch and _unsafe.disabled("ack"):  # fault injection: forget them before the ack
             self.store.acknowledge(conn, [r.position for r, _ in batch], keep=False)
             log.debug("relay %s: UNSAFE: deleted %d events before Kafka acknowledged them",
                       self.relay_id, len(batch))
-        self._await(conn, publisher, batch)
-        isolated = {row.shard for row, _ in batch} & self._isolate
-        self._isolate -= isolated
-        published = self._settle(conn, batch, isolated)
-        self.metrics.batch(time.monotonic() - started, published)
-        log.debug("relay %s: batch of %d sent, %d acknowledged in %.3fs", self.relay_id,
-                  len(batch), published, time.monotonic() - started)
-        return len(batch)
+        return batch
 
     def _await(self, conn: psycopg.Connection[Any], publisher: Publisher,
                batch: list[tuple[Row, Delivery]]) -> None:
@@ -228,17 +253,17 @@ class Relay:
                     return
 
     def _settle(self, conn: psycopg.Connection[Any], batch: list[tuple[Row, Delivery]],
-                isolated: set[int]) -> int:
+                isolated: set[int], halted: set[int]) -> int:
         """Delete each shard's acknowledged prefix; retry or dead-letter its first failure.
 
         Events after a shard's first failure stay pending even if Kafka took them: they
         are sent again after it, so each key's first deliveries keep their order. A
         permanent error (e.g. too large) makes kafka-python fail the whole partition's
         batch, so the culprit is only known when its shard's head is sent alone: only
-        an event refused on its own is dead-lettered.
+        an event refused on its own is dead-lettered. `halted` carries the shards that
+        stopped in an earlier batch of the same cycle.
         """
         acked: list[int] = []
-        halted: set[int] = set()
         had_error = False
         for row, delivery in batch:
             if row.shard in halted:

@@ -55,9 +55,9 @@ class Store:
         self._claim = (
             f"SELECT e.{EVENT_COLUMNS.replace(', ', ', e.')}, "
             "(e.next_attempt_at IS NOT NULL AND e.next_attempt_at > now()) AS backing_off "
-            "FROM unnest(%(shards)s::int[]) AS s(shard) "
+            "FROM unnest(%(shards)s::int[], %(after)s::bigint[]) AS s(shard, after) "
             f"CROSS JOIN LATERAL (SELECT * FROM {ev} "
-            "  WHERE shard = s.shard AND published_at IS NULL "
+            "  WHERE shard = s.shard AND published_at IS NULL AND position > s.after "
             "  ORDER BY position LIMIT %(per_shard)s) e "
             "ORDER BY e.shard, e.position"
         )
@@ -179,10 +179,13 @@ class Store:
 
     # -- relay: the hot path --------------------------------------------------------
 
-    def claim(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int) -> list[Row]:
-        """The oldest pending events of each shard, in position order (no row locks:
-        shard ownership already makes this relay the only one reading these shards)."""
-        cur = conn.execute(self._claim, {"shards": shards, "per_shard": per_shard})
+    def claim(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
+              after: list[int] | None = None) -> list[Row]:
+        """The oldest pending events of each shard (past `after`, the last position already
+        in flight, if given), in position order. No row locks: shard ownership already
+        makes this relay the only one reading these shards."""
+        cur = conn.execute(self._claim, {"shards": shards, "per_shard": per_shard,
+                                         "after": after or [0] * len(shards)})
         return [Row(*r) for r in cur]
 
     def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
