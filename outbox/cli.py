@@ -30,6 +30,8 @@ def main(log_level: str) -> None:
     )
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(KafkaClientLogLimit())
 
 
 @main.group()
@@ -112,6 +114,7 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int, batch_siz
         db_url=db_url, table_prefix=table_prefix, num_shards=num_shards,
         batch_size=batch_size, poll_interval=poll_interval, lease_seconds=lease_seconds,
         max_attempts=max_attempts, retention_seconds=retention_seconds, relay_id=relay_id,
+        send_timeout=delivery_timeout_ms / 1000 + 10,
     )
     registry = None
     if metrics_port:
@@ -228,6 +231,27 @@ def _dead_letter_action(db_url: str, table_prefix: str, positions: tuple[int, ..
         else:
             n = store.purge_dead_letters(conn, chosen)
     click.echo(f"{'retried' if retry else 'purged'} {n} dead letter(s)")
+
+
+class KafkaClientLogLimit(logging.Filter):
+    """kafka-python logs every reconnect attempt while a broker is down; let one line per
+    logger and level through every `interval` seconds (ours are throttled already)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, int], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("kafka"):
+            return True
+        import time
+
+        key, now = (record.name, record.levelno), time.monotonic()
+        if now - self._last.get(key, -1e9) < self.interval:
+            return False
+        self._last[key] = now
+        return True
 
 
 def _clean(exc: BaseException, url: str) -> str:

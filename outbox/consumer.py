@@ -19,9 +19,12 @@ One poll batch is one database transaction:
 2. one statement inserts the dedupe records (group, event id) of the whole batch
    (ON CONFLICT DO NOTHING): the ids it returns are new, the others were processed before
    -- so deduplication costs one round trip per batch, not per event;
-3. per new event, in partition offset order, under a savepoint: `handle`; an exception
-   rolls back that savepoint only; the dedupe records of events the batch did not finish
-   (failed, or held back behind a failure) are deleted again before the commit;
+3. per new event, in partition offset order: `handle`. The batch first runs without
+   savepoints (they cost three round trips per event); if a handler raises, that
+   transaction rolls back and the batch is redone with a savepoint per event, so the
+   exception rolls back that event only, and counts as its attempt. The dedupe records
+   of events the batch did not finish (failed, or held back behind a failure) are
+   deleted again before the commit;
 4. the transaction commits, and only then are the Kafka offsets of the finished records
    committed.
 
@@ -44,7 +47,6 @@ import contextlib
 import functools
 import importlib
 import logging
-import random
 import signal
 import socket
 import threading
@@ -61,11 +63,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from outbox import _unsafe
+from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import mask, sqlalchemy_url
 from outbox.errors import ConfigError, InvalidTopic, MalformedRecord, OutboxError
 from outbox.event import ID_HEADER, Event, from_record, validate_topic
 from outbox.metrics import ConsumerMetrics
-from outbox.relay import Throttled, _first_line
 from outbox.schema import DEFAULT_PREFIX, make_tables
 from outbox.serde import decode
 from outbox.store import Store
@@ -431,7 +433,7 @@ class ConsumerRunner:
                 except _Unavailable as exc:
                     self._throttle.warn(exc.what, f"consumer {self.group_id}: {exc}; "
                                         "retrying with backoff")
-                    self._stop.wait(_jitter(backoff))
+                    self._stop.wait(jitter(backoff))
                     backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
         finally:
             self.close()
@@ -461,7 +463,7 @@ class ConsumerRunner:
             batch: Records = kc.poll(timeout_ms=int(wait * 1000),
                                      max_records=self.max_poll_records)
         except KafkaError as exc:
-            raise _Unavailable("kafka", f"Kafka unavailable ({_first_line(exc)})") from exc
+            raise _Unavailable("kafka", f"Kafka unavailable ({first_line(exc)})") from exc
         self._apply_revocations()
         return batch
 
@@ -565,7 +567,7 @@ class ConsumerRunner:
         except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
             if not savepoints and not _disconnect(exc):
                 raise _NeedSavepoints from exc  # e.g. a flush at commit failed
-            raise _BatchFailed(_first_line(exc)) from exc
+            raise _BatchFailed(first_line(exc)) from exc
         return out
 
     def _claim(self, conn: psycopg.Connection[Any],
@@ -589,7 +591,7 @@ class ConsumerRunner:
                 self.consumer.handle(event, session)
             except Exception as exc:
                 if _connection_lost(exc, conn):
-                    raise _BatchFailed(_first_line(exc)) from exc
+                    raise _BatchFailed(first_line(exc)) from exc
                 raise _NeedSavepoints((tp, record.offset, exc)) from exc
             if session.get_transaction() is None:
                 raise HandlerMisuse(f"{type(self.consumer).__name__}.handle committed or "
@@ -650,7 +652,7 @@ class ConsumerRunner:
         except (_BatchFailed, HandlerMisuse):
             raise
         except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
-            raise _BatchFailed(_first_line(exc)) from exc
+            raise _BatchFailed(first_line(exc)) from exc
         return out
 
     def _one_external(self, tp: Any, record: Any, event: Event | MalformedRecord,
@@ -680,7 +682,7 @@ class ConsumerRunner:
                 with contextlib.suppress(Exception):
                     session.rollback()
                 if _connection_lost(exc, conn):
-                    raise _BatchFailed(_first_line(exc)) from exc
+                    raise _BatchFailed(first_line(exc)) from exc
                 return self._failed(tp, record, event, exc, out,
                                     lambda: self._mark_own_tx(event.id, dedupe))
         if dedupe:
@@ -708,9 +710,9 @@ class ConsumerRunner:
         try:
             sp.rollback()
         except Exception as rb:
-            raise _BatchFailed(f"{_first_line(exc)}; then {_first_line(rb)}") from exc
+            raise _BatchFailed(f"{first_line(exc)}; then {first_line(rb)}") from exc
         if _connection_lost(exc, conn):
-            raise _BatchFailed(_first_line(exc)) from exc
+            raise _BatchFailed(first_line(exc)) from exc
 
     def _failed(self, tp: Any, record: Any, event: Event, exc: Exception, out: _Outcome,
                 mark: Callable[[], None]) -> bool:
@@ -721,7 +723,7 @@ class ConsumerRunner:
         self.metrics.failed()
         text = f"{type(exc).__name__}: {exc}"
         if attempts < self.consumer.max_attempts:
-            delay = _jitter(min(RETRY_BACKOFF_MAX,
+            delay = jitter(min(RETRY_BACKOFF_MAX,
                                 self.consumer.retry_backoff * 2 ** (attempts - 1)))
             out.holds[tp] = _Hold(record.offset, time.monotonic() + delay)
             self._throttle.warn(
@@ -739,7 +741,7 @@ class ConsumerRunner:
         try:
             self._send_dead_letter(topic, record, reason, error)
         except _DeadLetterFailed as exc:
-            delay = _jitter(min(RETRY_BACKOFF_MAX, max(self.consumer.retry_backoff, 1.0)))
+            delay = jitter(min(RETRY_BACKOFF_MAX, max(self.consumer.retry_backoff, 1.0)))
             out.holds[tp] = _Hold(record.offset, time.monotonic() + delay)
             self._throttle.warn("kafka", f"consumer {self.group_id}: cannot dead-letter "
                                 f"{record.topic}[{record.partition}] offset {record.offset} "
@@ -765,7 +767,7 @@ class ConsumerRunner:
             raise
         except Exception as exc:
             self._close_dlq()
-            raise _DeadLetterFailed(_first_line(exc)) from exc
+            raise _DeadLetterFailed(first_line(exc)) from exc
 
     # -- Kafka ------------------------------------------------------------------------
 
@@ -792,7 +794,7 @@ class ConsumerRunner:
             kc = KafkaConsumer(**config)
             kc.subscribe(topics=list(self.consumer.topics), listener=_listener(self))
         except KafkaError as exc:
-            raise _Unavailable("kafka", f"Kafka unavailable ({_first_line(exc)})") from exc
+            raise _Unavailable("kafka", f"Kafka unavailable ({first_line(exc)})") from exc
         self._throttle.recovered("kafka", f"consumer {self.group_id}: Kafka reachable again")
         self._kc = kc
         return kc
@@ -808,7 +810,7 @@ class ConsumerRunner:
                     max_in_flight_requests_per_connection=5, bootstrap_timeout_ms=5000,
                     max_block_ms=int(self.dlq_timeout * 1000))
             except Exception as exc:
-                raise _DeadLetterFailed(_first_line(exc)) from exc
+                raise _DeadLetterFailed(first_line(exc)) from exc
             if not producer.config.get("enable_idempotence"):
                 producer.close(timeout=1)
                 raise ConfigError("kafka-python disabled idempotence on the dead-letter producer")
@@ -839,10 +841,10 @@ class ConsumerRunner:
         except (CommitFailedError, RebalanceInProgressError) as exc:
             log.warning("consumer %s: offset commit refused after a rebalance (%s); harmless: "
                         "the next owner redelivers and the dedupe records skip what was "
-                        "applied", self.group_id, _first_line(exc))
+                        "applied", self.group_id, first_line(exc))
         except KafkaError as exc:
             self._throttle.warn("commit", f"consumer {self.group_id}: offset commit failed "
-                                f"({_first_line(exc)}); redeliveries will be skipped")
+                                f"({first_line(exc)}); redeliveries will be skipped")
         else:
             self._throttle.recovered("commit", f"consumer {self.group_id}: offsets commit again")
 
@@ -904,7 +906,7 @@ class ConsumerRunner:
                     break
         except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
             self._throttle.warn("purge", f"consumer {self.group_id}: inbox purge failed "
-                                f"({_first_line(exc)})")
+                                f"({first_line(exc)})")
         if total:
             log.info("consumer %s: purged %d dedupe records older than %.0fs", self.group_id,
                      total, self.consumer.retention_seconds)
@@ -999,9 +1001,6 @@ def _connection_lost(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
         return True
     return bool(conn.broken or conn.closed)
 
-
-def _jitter(seconds: float) -> float:
-    return seconds * (0.5 + random.random() / 2)
 
 
 def _partitions(tps: list[Any]) -> str:

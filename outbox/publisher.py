@@ -125,11 +125,12 @@ class KafkaPublisher:
         return producer
 
     def recover(self) -> None:
-        """Replace the producer: after a fatal error kafka-python fails every later send."""
-        old = self._producer
-        self._producer = self._make_producer()
+        """Replace the producer: after a fatal error kafka-python fails every later send,
+        and a producer stuck without a producer id never sends again. The old one is
+        closed first, dropping what it still holds (the relay sends those again)."""
         with contextlib.suppress(Exception):
-            old.close(timeout=1)
+            self._producer.close(timeout=0)
+        self._producer = self._make_producer()  # may raise: Kafka down, the relay backs off
 
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import signal
 import socket
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 import psycopg
 
 from outbox import _unsafe
+from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
 from outbox.event import format_time, kafka_headers
 from outbox.metrics import RelayMetrics
@@ -51,26 +51,11 @@ class RelayConfig:
     retry_max: float = 60.0
     retention_seconds: float | None = None
     shutdown_grace: float = 10.0
+    # A batch still unacknowledged after this long means the producer is stuck (seen with
+    # kafka-python after broker restarts): replace it and send the shard again. Keep it
+    # above the producer's delivery timeout (120 s by default).
+    send_timeout: float = 130.0
     relay_id: str | None = None
-
-
-class Throttled:
-    """Log a failure once, then at most once per interval while it lasts."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.log = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-
-    def warn(self, what: str, msg: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(what, -1e9) >= self.interval:
-            self._last[what] = now
-            self.log.warning(msg)
-
-    def recovered(self, what: str, msg: str) -> None:
-        if self._last.pop(what, None) is not None:
-            self.log.info(msg)
 
 
 class Relay:
@@ -135,13 +120,13 @@ class Relay:
                 except psycopg.Error as exc:
                     self._drop_connection()
                     self._throttle.warn("db", f"relay {self.relay_id}: database unavailable "
-                                        f"({_first_line(exc)}); retrying with backoff")
-                    self._stop.wait(_jitter(backoff))
+                                        f"({first_line(exc)}); retrying with backoff")
+                    self._stop.wait(jitter(backoff))
                     backoff = min(backoff * 2, 5.0)
                 except _PublisherUnavailable as exc:
                     self._throttle.warn("kafka", f"relay {self.relay_id}: Kafka unavailable "
                                         f"({exc}); retrying with backoff")
-                    self._stop.wait(_jitter(backoff))
+                    self._stop.wait(jitter(backoff))
                     backoff = min(backoff * 2, 5.0)
         finally:
             self._close()
@@ -241,9 +226,17 @@ class Relay:
         """Wait for every delivery, keeping the session alive; give up only when stopping
         and past the grace period (the events stay pending and are sent again)."""
         stop_deadline: float | None = None
+        give_up = time.monotonic() + self.config.send_timeout
         while not all(d.done() for _, d in batch):
             publisher.flush(timeout=1.0)
             conn.execute("SELECT 1")  # heartbeat: a live relay's session is never idle long
+            if time.monotonic() > give_up:
+                self._throttle.warn("stuck", f"relay {self.relay_id}: Kafka has not "
+                                    f"acknowledged {sum(not d.done() for _, d in batch)} "
+                                    f"events in {self.config.send_timeout:.0f}s; replacing "
+                                    "the producer, the shards are sent again")
+                self._replace_publisher()
+                return
             if self._stop.is_set():
                 stop_deadline = stop_deadline or time.monotonic() + self.config.shutdown_grace
                 if time.monotonic() > stop_deadline:
@@ -288,7 +281,7 @@ class Relay:
                           self.relay_id, row.event_id, row.topic, row.key, text)
                 halted.add(row.shard)  # the next batch goes on after it
                 continue
-            delay = _jitter(min(self.config.retry_max, self.config.retry_base * 2 ** row.attempts))
+            delay = jitter(min(self.config.retry_max, self.config.retry_base * 2 ** row.attempts))
             self.store.record_failure(conn, row.position, text, delay)
             self.metrics.failed()
             self._throttle.warn(f"send{row.shard}", f"relay {self.relay_id}: send of event "
@@ -297,11 +290,8 @@ class Relay:
             halted.add(row.shard)
         if acked and not _unsafe.disabled("ack"):
             self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
-        if had_error and self._publisher is not None:
-            try:
-                self._publisher.recover()  # after a fatal error every later send would fail
-            except Exception:
-                self._publisher = None  # made again, with backoff, by _get_publisher
+        if had_error:
+            self._replace_publisher()  # after a fatal error every later send would fail
         self.published += len(acked)
         return len(acked)
 
@@ -384,9 +374,16 @@ class Relay:
             try:
                 self._publisher = self._publisher_factory()
             except Exception as exc:
-                raise _PublisherUnavailable(_first_line(exc)) from exc
+                raise _PublisherUnavailable(first_line(exc)) from exc
             self._throttle.recovered("kafka", f"relay {self.relay_id}: Kafka reachable again")
         return self._publisher
+
+    def _replace_publisher(self) -> None:
+        if self._publisher is not None:
+            try:
+                self._publisher.recover()
+            except Exception:
+                self._publisher = None  # made again, with backoff, by _get_publisher
 
     def _drop_connection(self) -> None:
         self._owned = set()
@@ -417,13 +414,6 @@ def _headers(row: Row) -> list[tuple[str, bytes]]:
     )
 
 
-def _jitter(seconds: float) -> float:
-    return seconds * (0.5 + random.random() / 2)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _ranges(shards: list[int]) -> str:

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import Event, IdempotentConsumer, Outbox
-from outbox.relay import Throttled
+from outbox.backoff import Throttled
 
 DDL = [
     # the per-key version counter writers bump: its row lock makes versions commit order

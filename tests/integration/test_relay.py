@@ -13,7 +13,7 @@ from kafka import KafkaConsumer
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import Outbox
-from outbox.publisher import InMemoryPublisher, KafkaPublisher, KafkaSettings
+from outbox.publisher import Delivery, InMemoryPublisher, KafkaPublisher, KafkaSettings
 from outbox.relay import Relay, RelayConfig
 from outbox.schema import tables
 from outbox.testing import drain
@@ -147,3 +147,48 @@ def test_relays_split_the_shards_and_take_over_when_one_stops(db_url: str) -> No
             r.stop()
         for t in threads:
             t.join(15)
+
+
+class _Stuck:
+    def done(self) -> bool:
+        return False
+
+    def error(self) -> BaseException | None:
+        return None
+
+
+class StuckThenFine(InMemoryPublisher):
+    """A producer that hangs (never acknowledges) until it is replaced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = True
+        self.replaced = 0
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+             ) -> Delivery:
+        return _Stuck() if self.stuck else super().send(topic, key, value, headers)
+
+    def recover(self) -> None:
+        self.replaced += 1
+        self.stuck = False
+
+
+def test_a_stuck_producer_is_replaced_and_nothing_is_lost(
+    engine: sa.Engine, db_url: str
+) -> None:
+    per_key = write_events(engine, "t", 40, keys=4)
+    publisher = StuckThenFine()
+    relay = Relay(RelayConfig(db_url=db_url, send_timeout=1.0), lambda: publisher)
+    try:
+        relay.step(wait=False)  # hangs for send_timeout, then replaces the producer
+        assert publisher.replaced == 1 and pending(engine) == 40
+        while relay.step(wait=False):
+            pass
+    finally:
+        relay._drop_connection()
+    assert pending(engine) == 0
+    seen: dict[str, list[str]] = defaultdict(list)
+    for r in publisher.records:
+        seen[r.key.decode()].append(dict(r.headers)["ce_id"].decode())
+    assert dict(seen) == dict(per_key)
