@@ -26,7 +26,7 @@ import psycopg
 from outbox import _unsafe
 from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
-from outbox.event import format_time, kafka_headers
+from outbox.event import kafka_headers
 from outbox.metrics import RelayMetrics
 from outbox.publisher import Delivery, Publisher, is_permanent
 from outbox.schema import DEFAULT_PREFIX, make_tables
@@ -430,4 +430,4 @@ def _ranges(shards: list[int]) -> str:
     return ",".join(out)
 
 
-__all__ = ["Relay", "RelayConfig", "format_time"]
+__all__ = ["Relay", "RelayConfig"]

@@ -146,11 +146,6 @@ class Store:
             f"SELECT event_id FROM {ib} WHERE consumer_group = %(group)s "
             "AND event_id = ANY(%(ids)s)"
         )
-        self._inbox_purge = (
-            f"DELETE FROM {ib} WHERE (consumer_group, event_id) IN ("
-            f"SELECT consumer_group, event_id FROM {ib} "
-            "WHERE processed_at < now() - %(age)s LIMIT %(limit)s)"
-        )
 
     # -- relay: membership and shards ------------------------------------------------
 
@@ -265,10 +260,6 @@ class Store:
         """Insert the dedupe record; False when this event was processed already."""
         return conn.execute(self._inbox_insert,
                             {"group": group, "event_id": event_id}).fetchone() is not None
-
-    def purge_inbox(self, conn: psycopg.Connection[Any], age_seconds: float, limit: int) -> int:
-        cur = conn.execute(self._inbox_purge, {"age": _interval(age_seconds), "limit": limit})
-        return cur.rowcount
 
     def purge_inbox_group(self, conn: psycopg.Connection[Any], group: str, age_seconds: float,
                           limit: int) -> int:

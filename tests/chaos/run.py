@@ -236,7 +236,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
             rng.choice(relay_procs).pause(LEASE + rng.uniform(1, 3))
         elif kind == "kafka_kill":
             stack("kafka-kill")
-            time.sleep(rng.uniform(0, 2))
+            time.sleep(rng.uniform(0, 1))
             stack("kafka-start")
         elif kind == "pg_restart":
             stack("pg-restart", "-m", "immediate")
