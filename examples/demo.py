@@ -191,7 +191,7 @@ def main() -> int:
 def report(engine: sa.Engine, kafka: str, topic: str, committed: dict[str, float],
            events: dict[str, int], rolled_back: set[str], faults: list[str], elapsed: float,
            logs: Path, relay_rc: int, consumer_rc: int) -> int:
-    records, ids, seen_requests = read_topic(kafka, topic, sum(events.values()))
+    records, ids, seen_requests, sent = read_topic(kafka, topic, sum(events.values()))
     with engine.connect() as c:
         log_rows = c.execute(sa.text(
             "SELECT l.event_id, l.applied, extract(epoch FROM l.projected_at), l.version, "
@@ -200,15 +200,17 @@ def report(engine: sa.Engine, kafka: str, topic: str, committed: dict[str, float
         pending = c.scalar(sa.text("SELECT count(*) FROM outbox_events"))
     engine.dispose()
     applied_twice = sum(1 for r in log_rows if r[1] != 1)
-    lat = sorted((float(r[2]) - committed[str(r[4])]) * 1000 for r in log_rows
-                 if r[3] == 1 and str(r[4]) in committed)
+    firsts = [(str(r[4]), float(r[2])) for r in log_rows if r[3] == 1 and str(r[4]) in committed]
+    lat = sorted((projected - committed[req]) * 1000 for req, projected in firsts)
+    to_kafka = sorted((sent[req] - committed[req]) * 1000 for req, _ in firsts if req in sent)
+    to_view = sorted((projected - sent[req]) * 1000 for req, projected in firsts if req in sent)
     absorbed = sum(int(m) for m in re.findall(r"(\d+) duplicates skipped",
                                               (logs / "consumer.log").read_text()))
     expected = sum(events.values())
     phantom = len(seen_requests & rolled_back)
 
-    def pct(p: float) -> str:
-        return f"{lat[min(len(lat) - 1, int(p * len(lat)))]:.0f} ms" if lat else "-"
+    def pct(p: float, values: list[float] = lat) -> str:
+        return f"{values[min(len(values) - 1, int(p * len(values)))]:.0f} ms" if values else "-"
 
     checks = [
         ("orders committed", f"{len(committed)}", True),
@@ -226,6 +228,10 @@ def report(engine: sa.Engine, kafka: str, topic: str, committed: dict[str, float
         ("relay / consumer exit codes on SIGTERM", f"{relay_rc} / {consumer_rc}",
          relay_rc == 0 and consumer_rc == 0),
         ("commit-to-projection latency p50 / p99", f"{pct(0.5)} / {pct(0.99)}", True),
+        ("  of which commit to Kafka (relay)", f"{pct(0.5, to_kafka)} / {pct(0.99, to_kafka)}",
+         True),
+        ("  of which Kafka to read model (consumer)",
+         f"{pct(0.5, to_view)} / {pct(0.99, to_view)}", True),
         ("run time", f"{elapsed:.0f} s", True),
     ]
     table = Table(title="transactional-outbox demo")
@@ -245,25 +251,32 @@ def report(engine: sa.Engine, kafka: str, topic: str, committed: dict[str, float
     return 0
 
 
-def read_topic(kafka: str, topic: str, expect: int) -> tuple[int, set[str], set[str]]:
+def read_topic(kafka: str, topic: str, expect: int
+               ) -> tuple[int, set[str], set[str], dict[str, float]]:
+    """Records, unique event ids, request ids seen, and when each order's first event was
+    sent to Kafka (the record's timestamp, epoch seconds)."""
     consumer = KafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=f"demo-check-{uuid.uuid4().hex}")
     records = 0
     ids: set[str] = set()
     requests: set[str] = set()
+    sent: dict[str, float] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(ids) < expect:
         for recs in consumer.poll(timeout_ms=500).values():
             for r in recs:
                 records += 1
                 ids.add(dict(r.headers)["ce_id"].decode())
-                requests.add(json.loads(r.value)["request_id"])
+                payload = json.loads(r.value)
+                requests.add(payload["request_id"])
+                if payload["version"] == 1:
+                    sent.setdefault(payload["request_id"], r.timestamp / 1000)
     for recs in consumer.poll(timeout_ms=1000).values():  # late duplicates
         for r in recs:
             records += 1
             ids.add(dict(r.headers)["ce_id"].decode())
     consumer.close()
-    return records, ids, requests
+    return records, ids, requests, sent
 
 
 if __name__ == "__main__":
