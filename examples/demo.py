@@ -151,27 +151,22 @@ def main() -> int:
         t_proj = progress.add_task("events projected", total=None)
         for t in threads:
             t.start()
-        killed_relay = killed_consumer = False
+        killed: set[str] = set()
         check = sa.text("SELECT count(*) FROM projection_log")
         while any(t.is_alive() for t in threads):
             time.sleep(0.2)
             progress.update(t_orders, completed=placed[0])
             with engine.connect() as c:
                 progress.update(t_proj, completed=c.scalar(check))
-            if not killed_relay and placed[0] > total * 0.35:
-                relay.kill()
-                faults.append("relay SIGKILLed and restarted")
-                progress.console.print("[yellow]kill -9 relay[/] (restarting in 1 s)")
-                time.sleep(1)
-                relay.start()
-                killed_relay = True
-            if not killed_consumer and placed[0] > total * 0.65:
-                consumer.kill()
-                faults.append("consumer SIGKILLed and restarted")
-                progress.console.print("[yellow]kill -9 consumer[/] (restarting in 1 s)")
-                time.sleep(1)
-                consumer.start()
-                killed_consumer = True
+            for service, at in ((relay, 0.35), (consumer, 0.65)):
+                if service.name not in killed and placed[0] > total * at:
+                    service.kill()
+                    faults.append(f"{service.name} SIGKILLed and restarted")
+                    progress.console.print(f"[yellow]kill -9 {service.name}[/] "
+                                           "(restarting in 1 s)")
+                    time.sleep(1)
+                    service.start()
+                    killed.add(service.name)
         expected = sum(events.values())
         progress.update(t_proj, total=expected)
         deadline = time.monotonic() + 90

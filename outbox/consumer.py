@@ -546,18 +546,9 @@ class ConsumerRunner:
                 # transaction ends, then counts as processed if it committed).
                 claimed = self._claim(conn, parts) if dedupe else None
                 finished: set[uuid.UUID] = set()
-                for tp, recs in parts:
-                    if self._stop.is_set():
-                        out.rewind[tp] = recs[0][0].offset
-                        continue
-                    for record, event in recs:
-                        if self._stop.is_set():
-                            out.rewind[tp] = record.offset
-                            break
-                        if not self._one_in_tx(session, conn, tp, record, event, claimed,
-                                               finished, out, savepoints, failure):
-                            break
-                        out.commit[tp] = record.offset + 1
+                self._walk(parts, out, lambda tp, record, event: self._one_in_tx(
+                    session, conn, tp, record, event, claimed, finished, out, savepoints,
+                    failure))
                 if claimed:
                     unfinished = claimed - finished  # failed, held back or cut short
                     if unfinished:
@@ -569,6 +560,22 @@ class ConsumerRunner:
                 raise _NeedSavepoints from exc  # e.g. a flush at commit failed
             raise _BatchFailed(first_line(exc)) from exc
         return out
+
+    def _walk(self, parts: list[tuple[Any, list[tuple[Any, Any]]]], out: _Outcome,
+              one: Callable[[Any, Any, Any], bool]) -> None:
+        """Each partition's records in offset order, until `one` says the partition must
+        wait; a stopping runner rewinds what it did not reach."""
+        for tp, recs in parts:
+            if self._stop.is_set():
+                out.rewind[tp] = recs[0][0].offset
+                continue
+            for record, event in recs:
+                if self._stop.is_set():
+                    out.rewind[tp] = record.offset
+                    break
+                if not one(tp, record, event):
+                    break
+                out.commit[tp] = record.offset + 1
 
     def _claim(self, conn: psycopg.Connection[Any],
                parts: list[tuple[Any, list[tuple[Any, Any]]]]) -> set[uuid.UUID]:
@@ -638,17 +645,8 @@ class ConsumerRunner:
                     seen = self._seen(self._raw(session), parts)
             else:
                 seen = set()
-            for tp, recs in parts:
-                if self._stop.is_set():
-                    out.rewind[tp] = recs[0][0].offset
-                    continue
-                for record, event in recs:
-                    if self._stop.is_set():
-                        out.rewind[tp] = record.offset
-                        break
-                    if not self._one_external(tp, record, event, seen, dedupe, out):
-                        break
-                    out.commit[tp] = record.offset + 1
+            self._walk(parts, out, lambda tp, record, event: self._one_external(
+                tp, record, event, seen, dedupe, out))
         except (_BatchFailed, HandlerMisuse):
             raise
         except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
