@@ -229,6 +229,8 @@ class Relay:
         give_up = time.monotonic() + self.config.send_timeout
         while not all(d.done() for _, d in batch):
             publisher.flush(timeout=1.0)
+            if all(d.done() for _, d in batch):
+                break
             conn.execute("SELECT 1")  # heartbeat: a live relay's session is never idle long
             if time.monotonic() > give_up:
                 self._throttle.warn("stuck", f"relay {self.relay_id}: Kafka has not "
