@@ -85,8 +85,9 @@ class Store:
             f"INSERT INTO {dl} ({EVENT_COLUMNS}, error, failed_at) "
             f"SELECT {EVENT_COLUMNS}, %(error)s, now() FROM moved"
         )
+        chosen = "(%(all)s OR position = ANY(%(p)s::bigint[]))"  # None: every dead letter
         self._retry_dead = (
-            f"WITH moved AS (DELETE FROM {dl} WHERE {{where}} RETURNING "
+            f"WITH moved AS (DELETE FROM {dl} WHERE {chosen} RETURNING "
             "event_id, topic, key, type, payload, content_type, source, headers, "
             "occurred_at, shard) "
             f"INSERT INTO {ev} (event_id, topic, key, type, payload, content_type, source, "
@@ -121,7 +122,7 @@ class Store:
             f"SELECT position, event_id, topic, key, type, attempts, error, failed_at "
             f"FROM {dl} ORDER BY position LIMIT %(limit)s"
         )
-        self._dead_purge = f"DELETE FROM {dl} WHERE {{where}}"
+        self._dead_purge = f"DELETE FROM {dl} WHERE {chosen}"
         self._relays = (
             "SELECT l.pid, a.application_name, a.client_addr::text AS addr, a.backend_start, "
             "array_remove(array_agg(o.objid::int ORDER BY o.objid), NULL) AS shards "
@@ -231,22 +232,13 @@ class Store:
 
     def retry_dead_letters(self, conn: psycopg.Connection[Any],
                            positions: list[int] | None) -> int:
-        """Move dead letters back into the outbox (new positions: they go to the end)."""
-        if positions is None:
-            cur = conn.execute(self._retry_dead.format(where="true"))
-        else:
-            cur = conn.execute(self._retry_dead.format(where="position = ANY(%(p)s)"),
-                               {"p": positions})
-        return cur.rowcount
+        """Move dead letters (all of them for None) back into the outbox, at its end."""
+        return conn.execute(self._retry_dead, _chosen(positions)).rowcount
 
     def purge_dead_letters(self, conn: psycopg.Connection[Any],
                            positions: list[int] | None) -> int:
-        if positions is None:
-            cur = conn.execute(self._dead_purge.format(where="true"))
-        else:
-            cur = conn.execute(self._dead_purge.format(where="position = ANY(%(p)s)"),
-                               {"p": positions})
-        return cur.rowcount
+        """Delete dead letters (all of them for None) for good."""
+        return conn.execute(self._dead_purge, _chosen(positions)).rowcount
 
     # -- consumer: the dedupe records ----------------------------------------------------
 
@@ -291,6 +283,10 @@ class Store:
             f"DELETE FROM {self.t.inbox.name} WHERE consumer_group = %(group)s "
             "AND event_id = ANY(%(ids)s)", {"group": group, "ids": ids})
         return cur.rowcount
+
+
+def _chosen(positions: list[int] | None) -> dict[str, Any]:
+    return {"all": positions is None, "p": positions or []}
 
 
 def _interval(seconds: float) -> Any:
