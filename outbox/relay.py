@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from outbox import _unsafe
+from outbox._faults import crash_point
 from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
 from outbox.event import kafka_headers
@@ -175,6 +176,7 @@ class Relay:
         first = self._send(conn, publisher, rows)
         if not first:
             return 0
+        crash_point("relay.after_send")
         second: list[tuple[Row, Delivery]] = []
         last: dict[int, int] = {}
         counts: dict[int, int] = {}
@@ -290,6 +292,8 @@ class Relay:
                                 f"{row.event_id} failed ({text}); shard {row.shard} retries "
                                 f"in {delay:.1f}s")
             halted.add(row.shard)
+        if acked:
+            crash_point("relay.after_ack")
         if acked and not _unsafe.disabled("ack"):
             self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
         if had_error:
