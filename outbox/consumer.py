@@ -63,6 +63,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from outbox import _unsafe
+from outbox._faults import crash_point
 from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import mask, sqlalchemy_url
 from outbox.errors import ConfigError, InvalidTopic, MalformedRecord, OutboxError
@@ -500,6 +501,9 @@ class ConsumerRunner:
             with contextlib.suppress(Exception):
                 self._kc.pause(tp)
             self._holds[tp] = hold
+        if out.commit:
+            # the database transaction committed; the offsets are not committed yet
+            crash_point("consumer.after_commit")
         self._commit(out.commit)
         s = self.stats
         s.batches += 1
