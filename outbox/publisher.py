@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,8 +23,31 @@ PERMANENT_ERRORS = frozenset({
 })
 
 
+
+
+class TopicUnavailable(Exception):
+    """Kafka gave no metadata for the topic in time: it does not exist (and the broker
+    does not auto-create it), or the broker refuses the name. Retriable: it counts as an
+    attempt of the event that hit it, and only that event's shard waits."""
+
+
+class NotSent(Exception):
+    """The producer did not take the record (its buffer stayed full): not an attempt."""
+
+
 def is_permanent(error: BaseException) -> bool:
     return type(error).__name__ in PERMANENT_ERRORS
+
+
+def is_attempt(error: BaseException) -> bool:
+    """Whether a failed send counts against the event's `max_attempts`."""
+    return not isinstance(error, NotSent)
+
+
+def breaks_producer(error: BaseException) -> bool:
+    """Whether the producer must be replaced after this error. Our own refusals
+    (no metadata, full buffer) never reached Kafka, so they leave it intact."""
+    return not isinstance(error, TopicUnavailable | NotSent)
 
 
 class Delivery(Protocol):
@@ -44,7 +68,7 @@ class Publisher(Protocol):
     def recover(self) -> None:
         """Called after a failed delivery: make later sends possible again."""
 
-    def close(self) -> None: ...
+    def close(self, timeout: float = 5.0) -> None: ...
 
 
 class _KafkaDelivery:
@@ -87,6 +111,10 @@ class KafkaSettings:
     request_timeout_ms: int = 30_000
     delivery_timeout_ms: int = 120_000
     client_id: str = "outbox-relay"
+    # How long one send may block the relay's thread waiting for a topic's metadata (or
+    # for buffer space). Keep it well under the relay's lease: a relay blocked past its
+    # lease loses its database session, and with it every shard.
+    max_block_ms: int = 5000
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,8 +125,13 @@ class KafkaPublisher:
     we check after construction that it is really on.
     """
 
+    #: After a topic's metadata times out, later sends to it fail at once for this long,
+    #: so one bad topic blocks the relay once per backoff round, not once per event.
+    TOPIC_QUARANTINE = 2.0
+
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
+        self._unavailable: dict[str, tuple[float, TopicUnavailable]] = {}
         self._producer = self._make_producer()
 
     def _make_producer(self) -> Any:
@@ -117,6 +150,7 @@ class KafkaPublisher:
             request_timeout_ms=settings.request_timeout_ms,
             delivery_timeout_ms=settings.delivery_timeout_ms,
             max_in_flight_requests_per_connection=5,
+            max_block_ms=settings.max_block_ms,
             **settings.extra,
         )
         if not producer.config.get("enable_idempotence"):
@@ -133,18 +167,33 @@ class KafkaPublisher:
         self._producer = self._make_producer()  # may raise: Kafka down, the relay backs off
 
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
+        quarantined = self._unavailable.get(topic)
+        if quarantined is not None:
+            if time.monotonic() < quarantined[0]:
+                return _FailedDelivery(quarantined[1])
+            del self._unavailable[topic]
         try:
             return _KafkaDelivery(self._producer.send(topic, key=key, value=value,
                                                       headers=headers))
         except Exception as exc:  # raised synchronously, e.g. size checks, closed producer
+            if type(exc).__name__ == "KafkaTimeoutError":
+                if "metadata" in str(exc):
+                    error = TopicUnavailable(
+                        f"no metadata for topic {topic!r} within "
+                        f"{self.settings.max_block_ms} ms: the topic does not exist and is "
+                        "not auto-created, or the broker refuses its name")
+                    self._unavailable[topic] = (time.monotonic() + self.TOPIC_QUARANTINE,
+                                                error)
+                    return _FailedDelivery(error)
+                return _FailedDelivery(NotSent(str(exc)))
             return _FailedDelivery(exc)
 
     def flush(self, timeout: float) -> None:
         with contextlib.suppress(Exception):  # KafkaTimeoutError: the caller checks deliveries
             self._producer.flush(timeout=timeout)
 
-    def close(self) -> None:
-        self._producer.close(timeout=5)
+    def close(self, timeout: float = 5.0) -> None:
+        self._producer.close(timeout=timeout)
 
 
 @dataclass
@@ -184,7 +233,7 @@ class InMemoryPublisher:
     def recover(self) -> None:
         self._broken.clear()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         return None
 
     def event_ids(self) -> list[str]:

@@ -29,7 +29,7 @@ from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
 from outbox.event import kafka_headers
 from outbox.metrics import RelayMetrics
-from outbox.publisher import Delivery, Publisher, is_permanent
+from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
 from outbox.schema import DEFAULT_PREFIX, make_tables
 from outbox.store import Row, Store
 from outbox.writer import DEFAULT_SHARDS, decode_headers
@@ -74,17 +74,20 @@ class Relay:
         self._conn: psycopg.Connection[Any] | None = None
         self._owned: set[int] = set()
         self._stop = threading.Event()
+        self._stop_by: float | None = None  # when stop() was called, plus the grace
         self._wake = threading.Event()
         self._next_rebalance = 0.0
         self._next_purge = 0.0
         self._throttle = Throttled(log)
-        self._isolate: set[int] = set()  # shards whose head is sent alone (see _settle)
+        self._isolate: set[int] = set()  # suspect shards (see _isolated_cycle)
         self.published = 0
 
     # -- control ----------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask the relay to finish (or abandon, after the grace period) its batch and exit."""
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + self.config.shutdown_grace
         self._stop.set()
         self._wake.set()
 
@@ -162,9 +165,12 @@ class Relay:
     def _cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
         """Claim and send a batch; while Kafka works on it, claim and send the next events
         of the shards that have more; then settle both, in order."""
+        naive = _unsafe.disabled("shards")
+        self._isolate &= self._owned
+        if self._isolate and not naive:
+            return self._isolated_cycle(conn, publisher)
         shards = sorted(self._owned)
         per_shard = max(1, self.config.batch_size // len(shards))
-        naive = _unsafe.disabled("shards")
         if naive:
             rows = self.store.claim_skip_locked(conn, min(per_shard, 100))
         else:
@@ -183,24 +189,50 @@ class Relay:
         for row, _ in first:
             last[row.shard] = row.position
             counts[row.shard] = counts.get(row.shard, 0) + 1
-        more = [s for s, n in counts.items() if n == per_shard and s not in self._isolate]
+        more = [s for s, n in counts.items() if n == per_shard]
         if more and not naive:  # these shards may hold more: pipeline their next events
             second = self._send(conn, publisher, self.store.claim(
                 conn, more, per_shard, [last[s] for s in more]))
-        # Shards whose head went alone in the first batch (never pipelined).
-        isolated = {row.shard for row, _ in first} & self._isolate
         halted: set[int] = set()
         published = 0
-        for batch, alone in ((first, isolated), (second, set())):
+        broken = False
+        for batch in (first, second):
             if not batch:
                 continue
             self._await(conn, publisher, batch)
-            self._isolate -= alone
-            published += self._settle(conn, batch, alone, halted)
+            done, failed = self._settle(conn, batch, set(), halted)
+            published += done
+            broken |= failed
+        if broken:  # only now: replacing it earlier would drop the pipelined batch
+            self._replace_publisher()
         self.metrics.batch(time.monotonic() - started, published)
         log.debug("relay %s: %d + %d events sent, %d acknowledged in %.3fs", self.relay_id,
                   len(first), len(second), published, time.monotonic() - started)
         return len(first) + len(second)
+
+    def _isolated_cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
+        """Send the head of one suspect shard entirely alone, with nothing else in flight.
+
+        kafka-python fails every in-flight batch, of every partition, when one record is
+        refused (the idempotent producer bumps its epoch), so a permanent error names no
+        culprit. Only an event refused while it is the only record in flight is
+        dead-lettered; the suspects are cleared one at a time, and the other shards wait
+        the few milliseconds each takes.
+        """
+        shard = min(self._isolate)
+        self._isolate.discard(shard)
+        rows = self.store.claim(conn, [shard], 1)
+        if not rows or rows[0].backing_off:
+            return 0
+        row = rows[0]
+        batch = [(row, publisher.send(row.topic, row.key.encode(), bytes(row.payload),
+                                      _headers(row)))]
+        crash_point("relay.after_send")
+        self._await(conn, publisher, batch)
+        broken = self._settle(conn, batch, {shard}, set())[1]
+        if broken:
+            self._replace_publisher()
+        return 1
 
     def _send(self, conn: psycopg.Connection[Any], publisher: Publisher,
               rows: list[Row]) -> list[tuple[Row, Delivery]]:
@@ -213,10 +245,11 @@ class Relay:
             if row.backing_off:  # the shard's head waits for its retry: the shard waits
                 blocked.add(row.shard)
                 continue
-            if row.shard in self._isolate:
-                blocked.add(row.shard)  # this head goes alone; the rest waits
-            batch.append((row, publisher.send(row.topic, row.key.encode(), bytes(row.payload),
-                                              _headers(row))))
+            delivery = publisher.send(row.topic, row.key.encode(), bytes(row.payload),
+                                      _headers(row))
+            batch.append((row, delivery))
+            if delivery.done() and delivery.error() is not None:
+                blocked.add(row.shard)  # refused at once: the rest would only be sent twice
         if batch and _unsafe.disabled("ack"):  # fault injection: forget them before the ack
             self.store.acknowledge(conn, [r.position for r, _ in batch], keep=False)
             log.debug("relay %s: UNSAFE: deleted %d events before Kafka acknowledged them",
@@ -227,10 +260,9 @@ class Relay:
                batch: list[tuple[Row, Delivery]]) -> None:
         """Wait for every delivery, keeping the session alive; give up only when stopping
         and past the grace period (the events stay pending and are sent again)."""
-        stop_deadline: float | None = None
         give_up = time.monotonic() + self.config.send_timeout
         while not all(d.done() for _, d in batch):
-            publisher.flush(timeout=1.0)
+            publisher.flush(timeout=min(1.0, self._grace_left()))
             if all(d.done() for _, d in batch):
                 break
             conn.execute("SELECT 1")  # heartbeat: a live relay's session is never idle long
@@ -241,27 +273,26 @@ class Relay:
                                     "the producer, the shards are sent again")
                 self._replace_publisher()
                 return
-            if self._stop.is_set():
-                stop_deadline = stop_deadline or time.monotonic() + self.config.shutdown_grace
-                if time.monotonic() > stop_deadline:
-                    log.warning("relay %s: abandoning %d unacknowledged events at shutdown; "
-                                "they stay in the outbox", self.relay_id,
-                                sum(not d.done() for _, d in batch))
-                    return
+            if self._stop.is_set() and self._grace_left() <= 0:
+                log.warning("relay %s: abandoning %d unacknowledged events at shutdown; "
+                            "they stay in the outbox", self.relay_id,
+                            sum(not d.done() for _, d in batch))
+                return
 
     def _settle(self, conn: psycopg.Connection[Any], batch: list[tuple[Row, Delivery]],
-                isolated: set[int], halted: set[int]) -> int:
+                isolated: set[int], halted: set[int]) -> tuple[int, bool]:
         """Delete each shard's acknowledged prefix; retry or dead-letter its first failure.
 
         Events after a shard's first failure stay pending even if Kafka took them: they
         are sent again after it, so each key's first deliveries keep their order. A
-        permanent error (e.g. too large) makes kafka-python fail the whole partition's
-        batch, so the culprit is only known when its shard's head is sent alone: only
-        an event refused on its own is dead-lettered. `halted` carries the shards that
-        stopped in an earlier batch of the same cycle.
+        permanent error (e.g. too large) makes kafka-python fail every batch in flight,
+        so the culprit is only known when its shard's head is sent alone (see
+        _isolated_cycle): only an event refused on its own is dead-lettered. `halted`
+        carries the shards that stopped in an earlier batch of the same cycle. Returns
+        the number acknowledged and whether the producer must be replaced.
         """
         acked: list[int] = []
-        had_error = False
+        broken = False
         for row, delivery in batch:
             if row.shard in halted:
                 continue
@@ -272,8 +303,11 @@ class Relay:
             if error is None:
                 acked.append(row.position)
                 continue
-            had_error = True
+            broken |= breaks_producer(error)
             text = f"{type(error).__name__}: {error}"
+            if not is_attempt(error):  # never reached Kafka: try again, no attempt spent
+                halted.add(row.shard)
+                continue
             if is_permanent(error) and row.shard not in isolated:
                 self._isolate.add(row.shard)
                 halted.add(row.shard)
@@ -296,10 +330,8 @@ class Relay:
             crash_point("relay.after_ack")
         if acked and not _unsafe.disabled("ack"):
             self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
-        if had_error:
-            self._replace_publisher()  # after a fatal error every later send would fail
         self.published += len(acked)
-        return len(acked)
+        return len(acked), broken
 
     # -- shards -----------------------------------------------------------------------
 
@@ -398,10 +430,16 @@ class Relay:
                 self._conn.close()
         self._conn = None
 
+    def _grace_left(self) -> float:
+        """Seconds of the shutdown grace left (unbounded while not stopping)."""
+        return 3600.0 if self._stop_by is None else max(0.0, self._stop_by - time.monotonic())
+
     def _close(self) -> None:
         if self._publisher is not None:
             try:
-                self._publisher.close()
+                # Whatever is still unacknowledged stays in the outbox: no reason to wait
+                # past the grace the operator gave.
+                self._publisher.close(timeout=min(5.0, self._grace_left()))
             except Exception as exc:
                 log.warning("relay %s: closing the producer: %s", self.relay_id, exc)
             self._publisher = None
