@@ -26,7 +26,12 @@ HeaderValue = str | bytes
 Headers = Mapping[str, HeaderValue]
 KafkaHeaders = list[tuple[str, bytes]]
 
-_TOPIC_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+# fullmatch, never `$`: `$` also matches before a trailing newline, which Kafka refuses.
+_TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+# Topics the broker keeps for itself and refuses appends to.
+_INTERNAL_TOPICS = frozenset(
+    {"__consumer_offsets", "__transaction_state", "__cluster_metadata", "__share_group_state"}
+)
 _RESERVED_HEADERS = frozenset(
     {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"}
 )
@@ -61,11 +66,13 @@ def validate_topic(topic: object) -> str:
     """Refuse names Kafka would refuse, before they reach the outbox table."""
     if not isinstance(topic, str):
         raise InvalidTopic(f"topic must be a str, got {type(topic).__name__}")
-    if topic in {".", ".."} or not _TOPIC_RE.match(topic):
+    if topic in {".", ".."} or not _TOPIC_RE.fullmatch(topic):
         raise InvalidTopic(
             f"invalid Kafka topic name {topic!r}: use 1 to 249 characters of "
             "ASCII letters, digits, '.', '_' and '-', and not '.' or '..'"
         )
+    if topic in _INTERNAL_TOPICS:
+        raise InvalidTopic(f"{topic!r} is an internal topic of Kafka: the broker refuses writes")
     return topic
 
 

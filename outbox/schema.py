@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from outbox.errors import ConfigError
 
 DEFAULT_PREFIX = "outbox"
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+# fullmatch, never `$`: `$` also matches before a trailing newline.
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 # BIGSERIAL on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -22,7 +23,7 @@ Timestamp = sa.DateTime(timezone=True)
 
 def validate_prefix(prefix: str) -> str:
     """Table names are spliced into DDL and SQL, so they must be plain identifiers."""
-    if not isinstance(prefix, str) or not _IDENT.match(prefix):
+    if not isinstance(prefix, str) or not _IDENT.fullmatch(prefix):
         raise ConfigError(
             f"invalid table prefix {prefix!r}: use 1 to 40 lowercase letters, digits "
             "and '_', starting with a letter or '_'"

@@ -55,14 +55,27 @@ def test_foreign_id_header_gives_a_stable_uuid() -> None:
     assert a.id == b.id
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a b", "x" * 250, "ümlaut", "a/b"])
+@pytest.mark.parametrize("bad", ["", ".", "..", "a b", "x" * 250, "ümlaut", "a/b",
+                                 "orders\n", "\norders", "orders\r\n", "x" * 249 + "\n"])
 def test_invalid_topics_are_refused(bad: str) -> None:
+    """Kafka refuses these names, so the relay could never send the event: `$` must not
+    let a trailing newline through."""
     with pytest.raises(InvalidTopic, match="invalid Kafka topic name"):
         validate_topic(bad)
 
 
+@pytest.mark.parametrize("internal", ["__consumer_offsets", "__transaction_state",
+                                      "__cluster_metadata", "__share_group_state"])
+def test_internal_topics_are_refused(internal: str) -> None:
+    """The broker refuses appends to its internal topics."""
+    with pytest.raises(InvalidTopic, match="internal topic"):
+        validate_topic(internal)
+
+
 def test_valid_topic() -> None:
     assert validate_topic("orders.v1_x-y") == "orders.v1_x-y"
+    assert validate_topic("x" * 249) == "x" * 249
+    assert validate_topic("__private") == "__private"
 
 
 def test_key_and_header_errors_name_the_problem() -> None:

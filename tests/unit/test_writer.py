@@ -20,7 +20,7 @@ from outbox import (
     PayloadNotSerializable,
     PayloadTooLarge,
 )
-from outbox.schema import make_tables
+from outbox.schema import make_tables, validate_prefix
 from outbox.writer import decode_headers, shard_of
 
 
@@ -132,9 +132,19 @@ def test_bad_input_is_refused_and_the_session_stays_usable(
     assert events(engine) == []
 
 
-def test_table_prefix_is_validated() -> None:
+@pytest.mark.parametrize("bad", ["x; drop table users", "adv\n", "\nadv", "", "A", "1x",
+                                 "x" * 41, "x" * 40 + "\n"])
+def test_table_prefix_is_validated(bad: str) -> None:
+    """The prefix is spliced into SQL: a trailing newline must not slip past `$`."""
     with pytest.raises(ConfigError, match="invalid table prefix"):
-        Outbox(table_prefix="x; drop table users")
+        Outbox(table_prefix=bad)
+    with pytest.raises(ConfigError, match="invalid table prefix"):
+        validate_prefix(bad)
+
+
+def test_valid_table_prefixes() -> None:
+    assert validate_prefix("_a9") == "_a9"
+    assert validate_prefix("x" * 40) == "x" * 40
 
 
 def test_decorator_refuses_sync_factory_on_async_function(engine: sa.Engine) -> None:
