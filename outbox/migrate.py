@@ -45,14 +45,18 @@ def lock_key(prefix: str = DEFAULT_PREFIX) -> int:
 
 
 def upgrade(
-    target: str | Connection, *, revision: str = "head", prefix: str = DEFAULT_PREFIX
+    target: str | Connection, *, revision: str = "head", prefix: str = DEFAULT_PREFIX,
+    shards: int | None = None,
 ) -> None:
     """Create or migrate the outbox tables, on a URL or inside an open connection.
 
     On a connection outside a transaction, the migration runs in a transaction of its own
-    and commits; inside one, it joins it and the caller commits.
+    and commits; inside one, it joins it and the caller commits. A new outbox gets
+    `shards` shards (16 when None); on an existing one a different `shards` is a
+    ConfigError (see outbox.shardcount).
     """
-    _run(target, prefix, lambda cfg: command.upgrade(cfg, revision))
+    _run(target, prefix, lambda cfg: command.upgrade(cfg, revision), shards=shards,
+         set_shards=True)
 
 
 def downgrade(target: str | Connection, *, revision: str, prefix: str = DEFAULT_PREFIX) -> None:
@@ -60,12 +64,13 @@ def downgrade(target: str | Connection, *, revision: str, prefix: str = DEFAULT_
     _run(target, prefix, lambda cfg: command.downgrade(cfg, revision))
 
 
-def _run(target: str | Connection, prefix: str, step: Callable[[Config], None]) -> None:
+def _run(target: str | Connection, prefix: str, step: Callable[[Config], None],
+         shards: int | None = None, set_shards: bool = False) -> None:
     if isinstance(target, str):
         engine = create_engine(sqlalchemy_url(target), poolclass=pool.NullPool)
         try:
             with engine.connect() as conn:
-                _run(conn, prefix, step)
+                _run(conn, prefix, step, shards, set_shards)
         finally:
             engine.dispose()
         return
@@ -79,6 +84,19 @@ def _run(target: str | Connection, prefix: str, step: Callable[[Config], None]) 
             target.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(prefix)})
         with _alembic_proxies_kept():
             step(cfg)
+        if set_shards:
+            _configure_shards(target, prefix, shards)
+
+
+def _configure_shards(conn: Connection, prefix: str, shards: int | None) -> None:
+    from sqlalchemy import inspect
+
+    from outbox import shardcount
+    from outbox.schema import make_tables
+
+    tables = make_tables(prefix)
+    if inspect(conn).has_table(tables.shards.name):  # not after a downgrade to base
+        shardcount.configure(conn, tables, shards)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,11 @@ EVENT_COLUMNS = (
 )
 
 
+def relay_namespace(tables: Tables) -> int:
+    """First key of the relays' advisory locks (membership and shard ownership)."""
+    return tables.lock_namespace ^ 0x2B1D3C4F
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """One pending event as the relay claims it."""
@@ -51,7 +56,7 @@ class Store:
         self.t = tables
         ev, dl, sh, ib = (tables.events.name, tables.dead_letters.name,
                           tables.shards.name, tables.inbox.name)
-        self.relay_ns = tables.lock_namespace ^ 0x2B1D3C4F
+        self.relay_ns = relay_namespace(tables)
         self._claim = (
             f"SELECT e.{EVENT_COLUMNS.replace(', ', ', e.')}, "
             "(e.next_attempt_at IS NOT NULL AND e.next_attempt_at > now()) AS backing_off "

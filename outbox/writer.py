@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
+from sqlalchemy import Connection
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from outbox import _unsafe
+from outbox import _unsafe, shardcount
 from outbox.errors import ConfigError, PayloadTooLarge
 from outbox.event import (
     DEFAULT_SOURCE,
@@ -44,7 +46,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024  # Kafka's default message.max.bytes is ~1 MiB
-DEFAULT_SHARDS = 16
+DEFAULT_SHARDS = shardcount.DEFAULT_SHARDS
 NotifyMode = Literal["auto", "always", "never"]
 
 # session.info key of the events waiting for the commit: {Outbox: [pending, ...]}
@@ -56,9 +58,14 @@ _active_sessions: ContextVar[Mapping[int, Any]] = ContextVar(
     "outbox_active_sessions", default=MappingProxyType({}))
 
 
+def key_hash(key: str) -> int:
+    """The key's hash (unsigned crc32): stable across processes, hosts and versions."""
+    return zlib.crc32(key.encode())
+
+
 def shard_of(key: str, num_shards: int) -> int:
-    """The shard of a key: stable across processes, hosts and Python versions."""
-    return zlib.crc32(key.encode()) % num_shards
+    """The shard of a key; on PostgreSQL the INSERT computes the same from the table."""
+    return key_hash(key) % num_shards
 
 
 def key_lock(key: str) -> int:
@@ -70,7 +77,7 @@ def key_lock(key: str) -> int:
 @dataclass
 class _Pending:
     event: Event
-    shard: int
+    hash: int  # the shard is hash % the database's shard count, taken at commit
     tx: SessionTransaction | None
 
 
@@ -84,10 +91,10 @@ class Outbox:
         serializer: Serializer | None = None,
         source: str = DEFAULT_SOURCE,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        num_shards: int = DEFAULT_SHARDS,
+        num_shards: int | None = None,
         notify: NotifyMode = "auto",
     ) -> None:
-        if not 1 <= num_shards <= 1024:
+        if num_shards is not None and not 1 <= num_shards <= 1024:
             raise ConfigError(f"num_shards must be between 1 and 1024, got {num_shards}")
         if max_event_bytes <= 0:
             raise ConfigError(f"max_event_bytes must be positive, got {max_event_bytes}")
@@ -97,7 +104,9 @@ class Outbox:
         self.serializer: Serializer = serializer or JsonSerializer()
         self.source = source
         self.max_event_bytes = max_event_bytes
+        # None: the database's count (outbox.shardcount); given, it must agree with it.
         self.num_shards = num_shards
+        self._checked: weakref.WeakSet[Any] = weakref.WeakSet()  # engines that agree
         self.notify = notify
         self._insert = self.tables.events.insert()
         self._pg_write = _pg_write_statements(self.tables)
@@ -145,10 +154,11 @@ class Outbox:
             headers=user_headers,
         )
         sync = session.sync_session if isinstance(session, AsyncSession) else session
-        pending = _Pending(event, shard_of(key, self.num_shards), _current_tx(sync))
+        pending = _Pending(event, key_hash(key), _current_tx(sync))
         if _unsafe.disabled("ordering"):
             # Fault injection only: insert at once, without the key lock.
-            sync.connection().execute(self._insert, [self._row(pending)])
+            conn = sync.connection()
+            conn.execute(self._insert, [self._row(pending, self._shard_count(conn))])
             return event
         _install_hooks()
         sync.info.setdefault(_PENDING, {}).setdefault(self, []).append(pending)
@@ -158,8 +168,11 @@ class Outbox:
         """Insert the transaction's events just before it commits (see the module doc)."""
         conn = session.connection()
         if conn.dialect.name != "postgresql":
-            conn.execute(self._insert, [self._row(p) for p in queue])
+            n = self._shard_count(conn)
+            conn.execute(self._insert, [self._row(p, n) for p in queue])
             return
+        if self.num_shards is not None and conn.engine not in self._checked:
+            self._shard_count(conn)  # once per engine: an explicit count must agree
         ch = self.tables.channel
         if len(queue) == 1:  # the common case: scalar parameters adapt faster than arrays
             p, e = queue[0], queue[0].event
@@ -167,7 +180,7 @@ class Outbox:
                 "ns": self.tables.lock_namespace, "lock": key_lock(e.key), "id": e.id,
                 "topic": e.topic, "key": e.key, "type": e.type, "payload": e.data,
                 "ct": e.content_type, "source": e.source, "headers": _json_headers(e.headers),
-                "time": e.occurred_at, "shard": p.shard, "ch": ch,
+                "time": e.occurred_at, "hash": p.hash, "ch": ch,
             })
             return
         events = [p.event for p in queue]
@@ -183,13 +196,19 @@ class Outbox:
             "sources": [e.source for e in events],
             "headers": [_json_headers(e.headers) for e in events],
             "times": [e.occurred_at for e in events],
-            "shards": [p.shard for p in queue],
-            "event_shards": sorted({p.shard for p in queue}),
+            "hashes": [p.hash for p in queue],
             "ch": ch,
         }
         conn.exec_driver_sql(self._pg_write[self.notify], params)
 
-    def _row(self, p: _Pending) -> dict[str, Any]:
+    def _shard_count(self, conn: Connection) -> int:
+        """The database's shard count (checked against an explicit `num_shards`)."""
+        n = shardcount.read(conn, self.tables)
+        shardcount.mismatch(self.num_shards, n, "Outbox(num_shards=...)")
+        self._checked.add(conn.engine)
+        return n
+
+    def _row(self, p: _Pending, num_shards: int) -> dict[str, Any]:
         e = p.event
         return {
             "event_id": e.id,
@@ -201,7 +220,7 @@ class Outbox:
             "source": e.source,
             "headers": encode_headers(e.headers),
             "occurred_at": e.occurred_at,
-            "shard": p.shard,
+            "shard": p.hash % num_shards,
         }
 
     # -- the decorator ----------------------------------------------------------------
@@ -236,39 +255,45 @@ class Outbox:
 def _pg_write_statements(tables: Tables) -> dict[str, str]:
     """One round trip per commit: lock the keys (sorted: no deadlock), insert every event
     in publish order, and NOTIFY only if a relay of one of these shards sleeps."""
+    sh = tables.shards.name
     write = (
-        "WITH locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(%(ns)s, k)) "
+        f"WITH n AS MATERIALIZED (SELECT count(*) AS n FROM {sh}), "
+        "locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(%(ns)s, k)) "
         "FROM unnest(%(locks)s::int4[]) AS k), "
         f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
         "content_type, source, headers, occurred_at, shard) "
-        "SELECT r.* FROM locks, unnest(%(ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], "
-        "%(types)s::text[], %(payloads)s::bytea[], %(cts)s::text[], %(sources)s::text[], "
-        "%(headers)s::json[], %(times)s::timestamptz[], %(shards)s::int2[]) AS r) "
+        "SELECT r.id, r.topic, r.key, r.type, r.payload, r.ct, r.source, r.headers, r.time, "
+        "mod(r.h, n.n)::int2 FROM locks, n, unnest(%(ids)s::uuid[], %(topics)s::text[], "
+        "%(keys)s::text[], %(types)s::text[], %(payloads)s::bytea[], %(cts)s::text[], "
+        "%(sources)s::text[], %(headers)s::json[], %(times)s::timestamptz[], "
+        "%(hashes)s::int8[]) AS r(id, topic, key, type, payload, ct, source, headers, time, h)) "
     )
     # (A data-modifying WITH runs to completion even when nothing reads it, and no
     # RETURNING means writers need no SELECT on the events table.)
     return {
         "never": write + "SELECT 1",
         "always": write + "SELECT pg_notify(%(ch)s, '')",
-        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {tables.shards.name} "
-        "WHERE relay_waiting AND shard = ANY(%(event_shards)s) LIMIT 1",
+        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {sh}, n WHERE relay_waiting "
+        "AND shard IN (SELECT mod(h, n.n) FROM unnest(%(hashes)s::int8[]) AS h) LIMIT 1",
     }
 
 
 def _pg_write_one_statements(tables: Tables) -> dict[str, str]:
     """The same for a transaction that published one event."""
+    sh = tables.shards.name
     write = (
-        "WITH locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(ns)s, %(lock)s)), "
+        f"WITH n AS MATERIALIZED (SELECT count(*) AS n FROM {sh}), "
+        "locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(ns)s, %(lock)s)), "
         f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
         "content_type, source, headers, occurred_at, shard) "
         "SELECT %(id)s, %(topic)s, %(key)s, %(type)s, %(payload)s, %(ct)s, %(source)s, "
-        "%(headers)s::json, %(time)s, %(shard)s FROM locks) "
+        "%(headers)s::json, %(time)s, mod(%(hash)s::int8, n.n)::int2 FROM locks, n) "
     )
     return {
         "never": write + "SELECT 1",
         "always": write + "SELECT pg_notify(%(ch)s, '')",
-        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {tables.shards.name} "
-        "WHERE relay_waiting AND shard = %(shard)s LIMIT 1",
+        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {sh}, n "
+        "WHERE relay_waiting AND shard = mod(%(hash)s::int8, n.n) LIMIT 1",
     }
 
 
