@@ -181,6 +181,30 @@ def check_testing(tmp: Path, db: Path, stdout: str) -> None:
 CHECKS = {"quickstart.py": check_quickstart, "test_outbox.py": check_testing}
 
 
+def test_relative_links_resolve() -> None:
+    """Links from the README and the docs to files of the repo point at existing files."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert ROOT / "docs" / "design.md" in pages
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken
+
+
+def test_nothing_cites_a_design_document_outside_the_repo() -> None:
+    """The design document is docs/design.md; no file cites another one."""
+    name = "DESIGN" + ".md"  # spelled apart so this file does not cite it either
+    citing = [str(path.relative_to(ROOT))
+              for top in ("outbox", "tests", "docs", "examples", "benchmarks", "migrations")
+              for path in (ROOT / top).rglob("*") if path.suffix in {".py", ".md", ".txt"}
+              if name in path.read_text(errors="replace")]
+    if name in README:
+        citing.append("README.md")
+    assert not citing
+
+
 def test_make_targets_exist() -> None:
     targets = set(re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
     used = set(re.findall(r"^make ([a-z-]+)", "\n".join(blocks("bash")), flags=re.M))
