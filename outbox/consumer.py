@@ -87,7 +87,41 @@ _OPTIONS = ("id_header", "max_attempts", "retry_backoff", "dlq_suffix", "externa
 
 
 class HandlerMisuse(OutboxError, RuntimeError):
-    """`handle` committed or rolled back the session it was given (the runner owns it)."""
+    """`handle` committed, rolled back or closed the session it was given (the runner owns
+    its transaction). A programming error, not a bad event: the runner stops with it
+    instead of dead-lettering every event the handler touches, and nothing of the batch
+    is committed (in external mode, nothing of that event)."""
+
+
+#: session.info keys of the guard: the transactions the runner owns while a handler runs,
+#: and what the handler did to them.
+_OWNED = "outbox.consumer.owned"
+_MISUSE = "outbox.consumer.misuse"
+
+
+def _refuse_commit(session: Session) -> None:
+    """before_commit: while a handler runs, committing a transaction the runner owns
+    raises at once, before anything reaches the database. The handler's own savepoints
+    (`with session.begin_nested():`) commit as usual."""
+    owned = session.info.get(_OWNED)
+    if owned and (session.get_nested_transaction() or session.get_transaction()) in owned:
+        session.info[_MISUSE] = "called session.commit()"
+        raise HandlerMisuse("session.commit() inside a consumer's handle(): the runner "
+                            "commits the batch's transaction itself, after the batch")
+
+
+def _note_end(session: Session, transaction: SessionTransaction) -> None:
+    """after_transaction_end: a transaction the runner owns ended while a handler ran
+    (session.rollback() or close()). Nothing was committed; the runner refuses the batch."""
+    owned = session.info.get(_OWNED)
+    if owned and transaction in owned:
+        session.info.setdefault(_MISUSE, "rolled back or closed the session")
+
+
+def _guard(session: Session) -> None:
+    if not sa.event.contains(session, "before_commit", _refuse_commit):
+        sa.event.listen(session, "before_commit", _refuse_commit)
+        sa.event.listen(session, "after_transaction_end", _note_end)
 
 
 class IdempotentConsumer:
@@ -272,6 +306,20 @@ class _Outcome:
     dead: list[str] = field(default_factory=list)  # reasons
 
 
+@dataclass
+class _Running:
+    """The handler call in progress (for the watchdog and for truthful error messages)."""
+
+    event_id: uuid.UUID
+    topic: str
+    partition: int
+    offset: int
+    started: float
+
+    def __str__(self) -> str:
+        return f"event {self.event_id} ({self.topic}[{self.partition}] offset {self.offset})"
+
+
 class _NeedSavepoints(Exception):
     """A handler failed on the fast path: redo the batch with a savepoint per event.
 
@@ -387,6 +435,7 @@ class ConsumerRunner:
         self._next_purge = 0.0
         self._next_lag = 0.0
         self._db_ok = True
+        self._running: _Running | None = None
 
     # -- control ----------------------------------------------------------------------
 
@@ -485,6 +534,10 @@ class ConsumerRunner:
         try:
             out = self._process_external(parts) if self.consumer.external \
                 else self._process_batch(parts)
+        except HandlerMisuse:
+            for tp, recs in parts:  # not committed: a caller that goes on sees it again
+                self._seek(tp, recs[0][0].offset)
+            raise
         except _BatchFailed as exc:
             self._db_ok = False
             for tp, recs in parts:
@@ -597,17 +650,17 @@ class ConsumerRunner:
         if claimed is not None and (event.id not in claimed or event.id in finished):
             out.duplicates += 1  # processed before, or earlier in this batch
             return True
+        root = session.get_transaction()
+        assert root is not None
         if not savepoints:
             try:
-                self.consumer.handle(event, session)
+                self._call_handler(session, (root,), record, event)
+            except HandlerMisuse:
+                raise
             except Exception as exc:
                 if _connection_lost(exc, conn):
                     raise _BatchFailed(first_line(exc)) from exc
                 raise _NeedSavepoints((tp, record.offset, exc)) from exc
-            if session.get_transaction() is None:
-                raise HandlerMisuse(f"{type(self.consumer).__name__}.handle committed or "
-                                    "rolled back the session; the runner commits it after "
-                                    "the batch")
             finished.add(event.id)
             out.processed += 1
             self._attempts.pop((tp, record.offset), None)
@@ -622,13 +675,12 @@ class ConsumerRunner:
         # inside it.
         session.connection()
         try:
-            self.consumer.handle(event, session)
+            self._call_handler(session, (root, sp), record, event)
+        except HandlerMisuse:
+            raise
         except Exception as exc:
             self._rollback(sp, conn, exc)
             return self._failed(tp, record, event, exc, out, lambda: finished.add(event.id))
-        if not sp.is_active:
-            raise HandlerMisuse(f"{type(self.consumer).__name__}.handle committed or rolled "
-                                "back the session; the runner commits it after the batch")
         try:
             sp.commit()  # flushes the handler's pending ORM changes, releases the savepoint
         except Exception as exc:
@@ -666,11 +718,10 @@ class ConsumerRunner:
             return True
         with self._sessions() as session:
             conn = self._raw(session)
+            root = session.get_transaction()
+            assert root is not None
             try:
-                self.consumer.handle(event, session)
-                if session.get_transaction() is None:
-                    raise HandlerMisuse(f"{type(self.consumer).__name__}.handle committed or "
-                                        "rolled back the session; the runner commits it")
+                self._call_handler(session, (root,), record, event)
                 # Only now, after the handler succeeded: the dedupe record, in the same
                 # transaction as the handler's own writes.
                 fresh = not dedupe or self.store.mark_processed(conn, self.group_id, event.id)
@@ -695,6 +746,42 @@ class ConsumerRunner:
             out.duplicates += 1
         self._attempts.pop((tp, record.offset), None)
         return True
+
+    def _call_handler(self, session: Session, owned: tuple[SessionTransaction, ...],
+                      record: Any, event: Event) -> None:
+        """`handle`, with the runner's transactions guarded against it and the call
+        visible to the watchdog. Raises HandlerMisuse if the handler committed, rolled
+        back or closed the session, even when it swallowed the refusal."""
+        _guard(session)
+        info = session.info
+        info[_OWNED] = owned
+        info.pop(_MISUSE, None)
+        running = _Running(event.id, record.topic, record.partition, record.offset,
+                           time.monotonic())
+        self._running = running
+        try:
+            self.consumer.handle(event, session)
+        except Exception as exc:
+            if info.get(_MISUSE):
+                raise self._misuse(info.pop(_MISUSE), running) from exc
+            raise
+        finally:
+            self._running = None
+            info.pop(_OWNED, None)
+            self._ran(running)
+        if info.get(_MISUSE):
+            raise self._misuse(info.pop(_MISUSE), running)
+
+    def _ran(self, running: _Running) -> None:
+        pass
+
+    def _misuse(self, what: str, running: _Running) -> HandlerMisuse:
+        scope = "this event" if self.consumer.external else "the batch"
+        return HandlerMisuse(
+            f"{type(self.consumer).__name__}.handle {what} on {running}: the runner owns the "
+            "session's transaction and commits it itself (use session.flush() to get ids, "
+            f"session.begin_nested() for a savepoint of your own). Nothing of {scope} was "
+            "committed; the consumer stops")
 
     def _mark_own_tx(self, event_id: uuid.UUID, dedupe: bool) -> None:
         if dedupe:

@@ -1,0 +1,146 @@
+"""A handler that commits (or rolls back) the runner's session: caught before anything of
+the batch is committed, and the batch rolls back whole.
+
+The choice (documented in outbox/consumer.py): such a handler is a programming error,
+not a bad event, so the runner stops with HandlerMisuse instead of dead-lettering
+every event it touches. Nothing of the batch is committed, neither in the database nor
+in Kafka; a fixed handler then applies every event of the batch exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from outbox import Event, IdempotentConsumer
+from outbox.consumer import ConsumerRunner, HandlerMisuse
+from tests.integration.consumer_app import bump
+from tests.integration.test_consumer import (
+    committed_offsets,
+    counter_table,  # noqa: F401  (fixture)
+    counters,
+    inbox_ids,
+    make_events,
+    make_runner,
+    produce,
+    produce_events,
+    run_until,
+    runners,  # noqa: F401  (fixture)
+)
+
+Misuse = Callable[[Session], None]
+
+
+def _commit(session: Session) -> None:
+    session.commit()
+
+
+def _commit_and_swallow(session: Session) -> None:
+    with contextlib.suppress(Exception):  # hiding the refusal does not help
+        session.commit()
+
+
+def _rollback(session: Session) -> None:
+    session.rollback()
+
+
+def _close(session: Session) -> None:
+    session.close()
+
+
+def _commit_inside_own_savepoint(session: Session) -> None:
+    with session.begin_nested():
+        session.commit()
+
+
+class Misbehaving(IdempotentConsumer):
+    """Bumps the counter; misbehaves on the event whose `i` is `bad_at`."""
+
+    def __init__(self, topic: str, group: str, misuse: Misuse | None, bad_at: int = 6,
+                 external: bool = False) -> None:
+        self.topics = [topic]
+        self.group_id = group
+        self.misuse, self.bad_at = misuse, bad_at
+        self.external = external
+
+    def handle(self, event: Event, session: Session) -> None:
+        bump(session, event)
+        if self.misuse is not None and event.payload["i"] == self.bad_at:
+            self.misuse(session)
+
+
+@pytest.mark.parametrize("misuse", [_commit, _commit_and_swallow, _rollback, _close,
+                                    _commit_inside_own_savepoint])
+@pytest.mark.parametrize("path", ["fast", "savepoints", "external"])
+def test_a_handler_that_ends_the_runners_transaction_commits_nothing_of_the_batch(
+    misuse: Misuse, path: str, counter_table: sa.Engine, db_url: str,  # noqa: F811
+    kafka_bootstrap: str, new_topic: Callable[..., str],
+    runners: list[ConsumerRunner],  # noqa: F811
+) -> None:
+    topic = new_topic(1)
+    group = f"misuse-{uuid.uuid4().hex[:6]}"
+    events = make_events(topic, 10, keys=1)
+    records = [e.to_record() for e in events]
+    if path == "savepoints":  # a malformed record makes the batch run with savepoints
+        records.insert(2, (b"k0", b"{}", [("ce_type", b"NoId")]))
+    produce(kafka_bootstrap, topic, records)
+    bad = Misbehaving(topic, group, misuse, external=path == "external")
+    runner = make_runner(runners, bad, db_url, kafka_bootstrap, max_poll_records=10)
+    with pytest.raises(HandlerMisuse, match=r"Misbehaving\.handle .*event "
+                       + str(events[6].id)):
+        for _ in range(200):  # polls until the batch arrives (and the failure is retried)
+            runner.run_once(0.2)
+    runner.close()
+
+    # One transaction for the batch: none of it is done. External mode has one per event:
+    # the events before the bad one are done for good (dedupe records and effects
+    # together); the bad one and everything after it left no trace.
+    done = {e.id for e in events[:6]} if path == "external" else set()
+    assert inbox_ids(counter_table, group) == done
+    assert set(counters(counter_table)) == done
+    # no offset of the aborted batch is committed (in external mode, the dedupe records
+    # of the events done skip their redelivery)
+    assert committed_offsets(kafka_bootstrap, group) == {}
+
+    # The handler fixed, the same group applies every event of the batch exactly once.
+    good = Misbehaving(topic, group, None, external=path == "external")
+    again = make_runner(runners, good, db_url, kafka_bootstrap, max_poll_records=10)
+    run_until(again, lambda: again.stats.processed == 10 - len(done),
+              "the rest of the batch applied")
+    got = counters(counter_table)
+    assert set(got) == {e.id for e in events} and set(got.values()) == {1}
+    assert inbox_ids(counter_table, group) == {e.id for e in events}
+
+
+def test_savepoints_and_flushes_of_the_handlers_own_are_not_misuse(
+    counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
+    new_topic: Callable[..., str], runners: list[ConsumerRunner],  # noqa: F811
+) -> None:
+    topic = new_topic(1)
+    events = make_events(topic, 6, keys=1)
+    produce_events(kafka_bootstrap, topic, events)
+
+    class Careful(IdempotentConsumer):
+        topics = (topic,)
+        group_id = "careful"
+
+        def handle(self, event: Event, session: Session) -> None:
+            session.flush()
+            with session.begin_nested():
+                bump(session, event)
+            try:  # a savepoint of its own that it rolls back
+                with session.begin_nested():
+                    bump(session, event)
+                    raise LookupError("undone")
+            except LookupError:
+                pass
+
+    runner = make_runner(runners, Careful(), db_url, kafka_bootstrap)
+    run_until(runner, lambda: runner.stats.processed == 6, "6 events applied")
+    assert set(counters(counter_table).values()) == {1}
+    assert runner.stats.failed == 0
