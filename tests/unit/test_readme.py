@@ -205,6 +205,15 @@ def test_nothing_cites_a_design_document_outside_the_repo() -> None:
     assert not citing
 
 
+def test_design_sections_cited_by_the_code_exist() -> None:
+    """`docs/design.md, "Section"` in a docstring names a heading of the design doc."""
+    headings = set(re.findall(r"^#+ (.+)$", (ROOT / "docs" / "design.md").read_text(),
+                              flags=re.M))
+    cited = {(path.name, section) for path in (ROOT / "outbox").rglob("*.py")
+             for section in re.findall(r'docs/design\.md, "([^"]+)"', path.read_text())}
+    assert not {c for c in cited if c[1] not in headings}
+
+
 def test_make_targets_exist() -> None:
     targets = set(re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
     used = set(re.findall(r"^make ([a-z-]+)", "\n".join(blocks("bash")), flags=re.M))
