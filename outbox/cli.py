@@ -42,17 +42,53 @@ def db() -> None:
 @db.command("upgrade")
 @db_option
 @prefix_option
-@click.option("--revision", default="head", show_default=True)
-def db_upgrade(db_url: str, table_prefix: str, revision: str) -> None:
+@click.option("--revision", envvar="OUTBOX_REVISION", default="head", show_default=True,
+              show_envvar=True)
+@click.option("--shards", "num_shards", envvar="OUTBOX_SHARDS", default=None,
+              type=click.IntRange(1, 1024), show_envvar=True,
+              help="Shard count of a new outbox (default 16); on an existing one it must "
+                   "match (change it with `outbox db set-shards`).")
+def db_upgrade(db_url: str, table_prefix: str, revision: str, num_shards: int | None) -> None:
     """Create / migrate the outbox tables (own version table: <prefix>_alembic_version)."""
     from outbox import migrate
+    from outbox.errors import ConfigError
 
     try:
-        migrate.upgrade(db_url, revision=revision, prefix=table_prefix)
+        migrate.upgrade(db_url, revision=revision, prefix=table_prefix, shards=num_shards)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     except Exception as exc:
         raise click.ClickException(
             f"migration of {mask(db_url)} failed: {_clean(exc, db_url)}") from None
     click.echo(f"outbox tables at {revision} in {mask(db_url)}")
+
+
+@db.command("set-shards")
+@db_option
+@prefix_option
+@click.argument("count", type=click.IntRange(1, 1024))
+def db_set_shards(db_url: str, table_prefix: str, count: int) -> None:
+    """Change the shard count: only with every relay stopped and no pending event."""
+    import sqlalchemy as sa
+
+    from outbox import shardcount
+    from outbox.dburl import sqlalchemy_url
+    from outbox.errors import ConfigError
+    from outbox.schema import make_tables
+
+    engine = sa.create_engine(sqlalchemy_url(db_url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            before = shardcount.change(conn, make_tables(table_prefix), count)
+    except ConfigError as exc:
+        raise click.ClickException(f"shard count not changed: {exc}") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"cannot change the shard count in {mask(db_url)}: "
+            f"{_clean(getattr(exc, 'orig', None) or exc, db_url)}") from None
+    finally:
+        engine.dispose()
+    click.echo(f"shard count {before} -> {count}")
 
 
 kafka_option = click.option(
@@ -65,9 +101,10 @@ kafka_option = click.option(
 @db_option
 @kafka_option
 @prefix_option
-@click.option("--shards", "num_shards", envvar="OUTBOX_SHARDS", default=16, show_default=True,
+@click.option("--shards", "num_shards", envvar="OUTBOX_SHARDS", default=None,
               type=click.IntRange(1, 1024), show_envvar=True,
-              help="Number of shards; the same on every writer and relay.")
+              help="Expected shard count; the relay refuses to start if the database's "
+                   "(set by `outbox db upgrade --shards`) differs. Default: the database's.")
 @click.option("--batch-size", envvar="OUTBOX_BATCH_SIZE", default=2000, show_default=True,
               type=click.IntRange(1, 100_000), show_envvar=True)
 @click.option("--poll-interval", envvar="OUTBOX_POLL_INTERVAL", default=1.0, show_default=True,
@@ -95,7 +132,7 @@ kafka_option = click.option(
 @click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", default=None, show_envvar=True,
               type=click.IntRange(1, 65535), help="Serve /metrics and /healthz on this port.")
 @click.option("--relay-id", envvar="OUTBOX_RELAY_ID", default=None, show_envvar=True)
-def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int, batch_size: int,
+def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, batch_size: int,
           poll_interval: float, lease_seconds: float, max_attempts: int,
           retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
           delivery_timeout_ms: int, compression: str | None, metrics_port: int | None,
@@ -109,6 +146,8 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int, batch_siz
         kafka, linger_ms=linger_ms, batch_size=kafka_batch_bytes, compression_type=compression,
         delivery_timeout_ms=delivery_timeout_ms,
         request_timeout_ms=min(30_000, delivery_timeout_ms - linger_ms),
+        # A send blocked on a topic's metadata must not outlast the relay's lease.
+        max_block_ms=int(min(5.0, lease_seconds / 2) * 1000),
     )
     config = RelayConfig(
         db_url=db_url, table_prefix=table_prefix, num_shards=num_shards,
@@ -125,7 +164,12 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int, batch_siz
     if metrics_port:
         serve(metrics_port, registry, worker.healthy)
     worker.install_signal_handlers()
-    worker.run()
+    from outbox.errors import ConfigError
+
+    try:
+        worker.run()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -145,17 +189,31 @@ def status(db_url: str, table_prefix: str) -> None:
             backlog = store.backlog(conn)
             dead = store.count_dead_letters(conn)
             relays = store.relays(conn)
+            count = store.shard_count(conn)
             now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     except psycopg.Error as exc:
         raise click.ClickException(f"cannot read {mask(db_url)}: {_clean(exc, db_url)}") from None
     total = sum(r["pending"] for r in backlog)
     oldest = min((r["oldest"] for r in backlog), default=None)
     age = f"{(now - oldest).total_seconds():.1f}s" if oldest else "-"
-    click.echo(f"pending events: {total}   oldest pending: {age}   dead letters: {dead}")
+    click.echo(f"pending events: {total}   oldest pending: {age}   dead letters: {dead}   "
+               f"shards: {count}")
+    owned = {shard for r in relays for shard in r["shards"]}
+    unowned = []
     for r in backlog:
+        flag = ""
+        if r["shard"] >= count:
+            flag = "   <- OUTSIDE THE SHARD COUNT: no relay will ever take it"
+        elif r["shard"] not in owned:
+            flag = "   <- NO OWNER"
+        if flag:
+            unowned.append(r["shard"])
         click.echo(f"  shard {r['shard']:>4}: {r['pending']} pending, "
                    f"oldest {(now - r['oldest']).total_seconds():.1f}s, "
-                   f"max attempts {r['max_attempts']}")
+                   f"max attempts {r['max_attempts']}{flag}")
+    if unowned:
+        click.echo(f"warning: pending events in {len(unowned)} shard(s) no live relay owns: "
+                   f"{','.join(map(str, unowned))}")
     click.echo(f"live relays: {len(relays)}")
     for r in relays:
         shards = ",".join(str(s) for s in r["shards"]) or "none"

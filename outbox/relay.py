@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from outbox import _unsafe
+from outbox import _unsafe, shardcount
 from outbox._faults import crash_point
 from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
@@ -32,7 +32,7 @@ from outbox.metrics import RelayMetrics
 from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
 from outbox.schema import DEFAULT_PREFIX, make_tables
 from outbox.store import Row, Store
-from outbox.writer import DEFAULT_SHARDS, decode_headers
+from outbox.writer import decode_headers
 
 log = logging.getLogger("outbox.relay")
 
@@ -43,7 +43,8 @@ class RelayConfig:
 
     db_url: str
     table_prefix: str = DEFAULT_PREFIX
-    num_shards: int = DEFAULT_SHARDS
+    # None: the database's count (outbox.shardcount); given, it must agree with it.
+    num_shards: int | None = None
     batch_size: int = 2000
     poll_interval: float = 1.0
     lease_seconds: float = 10.0
@@ -73,6 +74,7 @@ class Relay:
         self._publisher: Publisher | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._owned: set[int] = set()
+        self.num_shards = 0  # read from the database on connecting
         self._stop = threading.Event()
         self._stop_by: float | None = None  # when stop() was called, plus the grace
         self._wake = threading.Event()
@@ -337,7 +339,7 @@ class Relay:
 
     def _rebalance(self, conn: psycopg.Connection[Any]) -> None:
         """Own a fair share of the shards: N // live relays, the first N % live one more."""
-        n = self.config.num_shards
+        n = self.num_shards
         self._next_rebalance = time.monotonic() + 1.0
         if _unsafe.disabled("shards"):  # fault injection: no ownership, see step()
             self._owned = set(range(n))
@@ -345,7 +347,7 @@ class Relay:
         live = self.store.live_relays(conn)
         me = conn.info.backend_pid
         if me not in live:
-            self.store.join(conn, n)
+            self.store.join(conn)
             live = self.store.live_relays(conn)
         idx = live.index(me)
         target = n // len(live) + (1 if idx < n % len(live) else 0)
@@ -398,11 +400,17 @@ class Relay:
             libpq_url(self.config.db_url), autocommit=True, connect_timeout=5,
             application_name=f"outbox-relay {self.relay_id}"[:63],
         )
-        lease_ms = int(self.config.lease_seconds * 1000)
-        conn.execute(f"SET idle_session_timeout = {lease_ms}")
-        conn.execute(f"SET statement_timeout = {max(lease_ms, 30000)}")
-        conn.execute(f'LISTEN "{self.tables.channel}"')
-        self.store.join(conn, self.config.num_shards)
+        try:
+            lease_ms = int(self.config.lease_seconds * 1000)
+            conn.execute(f"SET idle_session_timeout = {lease_ms}")
+            conn.execute(f"SET statement_timeout = {max(lease_ms, 30000)}")
+            conn.execute(f'LISTEN "{self.tables.channel}"')
+            self.num_shards = self.store.shard_count(conn)
+            shardcount.mismatch(self.config.num_shards, self.num_shards, "the relay")
+            self.store.join(conn)
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
         self._next_rebalance = 0.0
         return conn

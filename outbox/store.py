@@ -98,11 +98,9 @@ class Store:
             f"INSERT INTO {ev} (event_id, topic, key, type, payload, content_type, source, "
             "headers, occurred_at, shard) "
             "SELECT event_id, topic, key, type, payload, content_type, source, headers, "
-            "occurred_at, shard FROM moved ORDER BY occurred_at"
-        )
-        self._ensure_shards = (
-            f"INSERT INTO {sh} (shard) SELECT generate_series(0, %(n)s - 1) "
-            "ON CONFLICT (shard) DO NOTHING"
+            # within the current shard count, should it have changed since (shardcount.py)
+            f"occurred_at, mod(shard, (SELECT count(*) FROM {sh})) FROM moved "
+            "ORDER BY occurred_at"
         )
         self._set_waiting = (
             f"UPDATE {sh} SET relay_waiting = %(waiting)s "
@@ -155,9 +153,13 @@ class Store:
 
     # -- relay: membership and shards ------------------------------------------------
 
-    def join(self, conn: psycopg.Connection[Any], num_shards: int) -> None:
+    def shard_count(self, conn: psycopg.Connection[Any]) -> int:
+        """The outbox's shard count: the rows of the shards table (see shardcount.py)."""
+        row = conn.execute(f"SELECT count(*) FROM {self.t.shards.name}").fetchone()
+        return int(row[0]) if row else 0
+
+    def join(self, conn: psycopg.Connection[Any]) -> None:
         """Announce this session as a live relay (a shared lock that dies with it)."""
-        conn.execute(self._ensure_shards, {"n": num_shards})
         conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", (self.relay_ns, MEMBER_LOCK))
 
     def live_relays(self, conn: psycopg.Connection[Any]) -> list[int]:

@@ -38,7 +38,7 @@ def drain(db_url: str, publisher: Publisher, *, timeout: float = 60.0,
             relay.step(wait=False)
             conn = relay._connection()
             if relay.owned_shards and not relay.store.has_pending(conn, relay.owned_shards) \
-                    and len(relay.owned_shards) == cfg.num_shards:
+                    and len(relay.owned_shards) == relay.num_shards:
                 return relay.published
             if time.monotonic() > deadline:
                 raise TimeoutError(f"outbox not drained after {timeout}s")
