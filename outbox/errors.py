@@ -22,11 +22,17 @@ class InvalidTopic(PublishError):
 
 
 class InvalidKey(PublishError, TypeError):
-    """The event key is not a str."""
+    """The event key is not a str, or holds a NUL or a lone surrogate."""
 
 
 class InvalidHeader(PublishError, TypeError):
-    """A header name or value (or the event type) has the wrong type or is reserved."""
+    """A header name or value (or the event type) has the wrong type, is reserved, or
+    holds text that cannot be stored or sent (a NUL in the type, a lone surrogate)."""
+
+
+class InvalidSession(PublishError, TypeError):
+    """publish() was given something other than a Session or AsyncSession (or a scoped
+    one), or a session it cannot attach the event to."""
 
 
 class ConfigError(OutboxError, ValueError):

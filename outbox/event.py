@@ -1,7 +1,7 @@
 """The event envelope, its id (UUIDv7), validation, and the CloudEvents 1.0 Kafka mapping.
 
 Binary content mode: the Kafka value is the payload bytes, the metadata travels in
-`ce_*` headers, and the Kafka key is the event key. See DESIGN.md, "Wire format".
+`ce_*` headers, and the Kafka key is the event key. See docs/design.md, "Wire format".
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from outbox.errors import InvalidHeader, InvalidKey, InvalidTopic, MalformedRecord
+from outbox.errors import (
+    InvalidHeader,
+    InvalidKey,
+    InvalidTopic,
+    MalformedRecord,
+    OutboxError,
+)
 
 SPEC_VERSION = "1.0"
 ID_HEADER = "ce_id"
@@ -76,41 +82,174 @@ def validate_topic(topic: object) -> str:
     return topic
 
 
-def validate_key(key: object) -> str:
-    """The key orders events and picks the Kafka partition: it must be a str."""
+def text_size(
+    text: str, what: str, error: type[OutboxError], *, nul_ok: bool = False
+) -> int:
+    """The UTF-8 length of text bound for PostgreSQL and Kafka; refuses what neither carries.
+
+    PostgreSQL's text columns cannot hold a NUL character: the event's INSERT would fail
+    at commit and take the caller's own rows with it, so it is refused here (`nul_ok`
+    where the text is stored JSON-escaped, as header names and values are). A lone
+    surrogate has no UTF-8 encoding at all. Cheap: one scan for NUL, and an ASCII fast
+    path before encoding.
+    """
+    if not nul_ok and "\x00" in text:
+        raise error(
+            f"{what} contains a NUL character ('\\x00') at index {text.index(chr(0))}: "
+            "PostgreSQL cannot store it in a text column"
+        )
+    if text.isascii():
+        return len(text)
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise error(
+            f"{what} contains a lone surrogate {text[exc.start]!r} at index {exc.start}: "
+            "it is not valid Unicode text and has no UTF-8 encoding"
+        ) from None
+
+
+def key_size(key: object) -> int:
+    """The key orders events and picks the Kafka partition: a str; its UTF-8 length."""
     if not isinstance(key, str):
         raise InvalidKey(
             f"event key must be a str, got {type(key).__name__}: "
             "convert ids explicitly, e.g. key=str(order.id)"
         )
-    return key
+    return text_size(key, "event key", InvalidKey)
 
 
-def validate_headers(headers: Headers | None) -> dict[str, HeaderValue]:
-    """User headers: str names, str or bytes values, none that shadow CloudEvents ones."""
+def validate_key(key: object) -> str:
+    key_size(key)
+    return cast(str, key)
+
+
+def is_reserved_header(name: str) -> bool:
+    """`ce_*` and `content-type`, in any case: the outbox sets those, and a consumer that
+    compares names without case must not see a user's copy shadow them."""
+    return name[:3].lower() == "ce_" or (len(name) == 12 and name.lower() == "content-type")
+
+
+def check_headers(headers: Headers | None) -> tuple[dict[str, HeaderValue], int]:
+    """User headers (str names, str or bytes values, none reserved), copied, and the
+    bytes their names and values take in the Kafka record (with varint lengths)."""
     if headers is None:
-        return {}
+        return {}, 0
     if not isinstance(headers, Mapping):
         raise InvalidHeader(f"headers must be a mapping, got {type(headers).__name__}")
     out: dict[str, HeaderValue] = {}
+    size = 0
     for name, value in headers.items():
         if not isinstance(name, str) or not name:
             raise InvalidHeader(f"header name must be a non-empty str, got {name!r}")
-        if name in _RESERVED_HEADERS:
-            raise InvalidHeader(f"header {name!r} is set by the outbox itself")
-        if not isinstance(value, str | bytes):
+        if is_reserved_header(name):
+            raise InvalidHeader(
+                f"header {name!r} is set by the outbox itself: ce_* and content-type "
+                "headers are reserved, in any case"
+            )
+        if isinstance(value, bytes):
+            value_len = len(value)
+        elif isinstance(value, str):
+            value_len = text_size(value, f"header {name!r}", InvalidHeader, nul_ok=True)
+        else:
             raise InvalidHeader(
                 f"header {name!r} has a value of type {type(value).__name__}; "
                 "header values must be str or bytes"
             )
+        name_len = text_size(name, f"header name {name!r}", InvalidHeader, nul_ok=True)
+        size += varint_size(name_len) + name_len + varint_size(value_len) + value_len
         out[name] = value
-    return out
+    return out, size
+
+
+def validate_headers(headers: Headers | None) -> dict[str, HeaderValue]:
+    """User headers: str names, str or bytes values, none that shadow CloudEvents ones."""
+    return check_headers(headers)[0]
+
+
+def type_size(event_type: object) -> int:
+    """The event type (ce_type): a non-empty str; its UTF-8 length."""
+    if not isinstance(event_type, str) or not event_type:
+        raise InvalidHeader(f"event type must be a non-empty str, got {event_type!r}")
+    return text_size(event_type, "event type", InvalidHeader)
 
 
 def validate_type(event_type: object) -> str:
-    if not isinstance(event_type, str) or not event_type:
-        raise InvalidHeader(f"event type must be a non-empty str, got {event_type!r}")
-    return event_type
+    type_size(event_type)
+    return cast(str, event_type)
+
+
+# -- the size Kafka counts ------------------------------------------------------------
+#
+# The broker compares a whole record batch with message.max.bytes (a topic's
+# max.message.bytes): the batch header, 61 bytes in magic v2 (12 of them the offset and
+# length prefix), then each record framed with varints: its length, attributes,
+# timestamp delta, offset delta, key length, value length, header count, and each
+# header's name and value lengths. kafka-python puts a record larger than its
+# batch_size alone in a batch, with timestamp and offset deltas of 0.
+
+BATCH_HEADER_BYTES = 61
+# ce_time at its longest ("2026-01-02T03:04:05.678000Z", 27 bytes; 20 when the
+# microseconds are 0), so that publish()'s count is never under the real one.
+_LONGEST_TIME = datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+
+
+def varint_size(n: int) -> int:
+    """Bytes of Kafka's zigzag varint for a length n >= 0 (or -1, a null)."""
+    z = (n << 1) ^ (n >> 63)
+    size = 1
+    while z > 0x7F:
+        z >>= 7
+        size += 1
+    return size
+
+
+def record_size(
+    key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]]
+) -> int:
+    """The bytes of an uncompressed magic-v2 record batch that holds this record alone:
+    what the broker compares with message.max.bytes."""
+    body = 3  # attributes, timestamp delta 0, offset delta 0
+    body += 1 if key is None else varint_size(len(key)) + len(key)
+    body += 1 if value is None else varint_size(len(value)) + len(value)
+    count = 0
+    for name, raw in headers:
+        name_len = len(name.encode())
+        body += varint_size(name_len) + name_len
+        body += 1 if raw is None else varint_size(len(raw)) + len(raw)
+        count += 1
+    body += varint_size(count)
+    return BATCH_HEADER_BYTES + varint_size(body) + body
+
+
+class RecordSizer:
+    """`record_size` of the record the relay will send for an event (`Event.to_record()`),
+    from the lengths publish() has already measured; the parts every event of one Outbox
+    shares (CloudEvents header names, id, time, source, content type) are summed once.
+
+    Exact, or at most 7 bytes over when ce_time has no fraction of a second; never under.
+    """
+
+    __slots__ = ("_ce_count", "_fixed")
+
+    def __init__(self, *, source: str, content_type: str) -> None:
+        template = kafka_headers(event_id=uuid.UUID(int=0), type="", source=source,
+                                 occurred_at=_LONGEST_TIME, content_type=content_type,
+                                 headers={})
+        self._ce_count = len(template)
+        # 3: attributes and the two deltas. The type's value is added per event.
+        self._fixed = 3 + sum(_framed(len(n.encode())) + _framed(len(v))
+                              for n, v in template) - _framed(0)
+
+    def size(self, *, key: int, value: int, type: int, headers: int, header_count: int) -> int:
+        """Lengths in UTF-8 bytes; `headers` is check_headers()'s size of the user's."""
+        body = (self._fixed + varint_size(key) + key + varint_size(value) + value
+                + varint_size(type) + type + headers + varint_size(self._ce_count + header_count))
+        return BATCH_HEADER_BYTES + varint_size(body) + body
+
+
+def _framed(n: int) -> int:
+    return varint_size(n) + n
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import datetime as dt
 import decimal
 import enum
 import json
+import sys
 import uuid
 from typing import Any, Protocol, runtime_checkable
 
@@ -63,7 +64,19 @@ class JsonSerializer:
             )
         except (TypeError, ValueError) as exc:
             raise PayloadNotSerializable(f"payload cannot be encoded as JSON: {exc}") from exc
-        return text.encode()
+        except RecursionError:
+            # Nested too deep for the encoder (and so for a consumer's decoder too).
+            raise PayloadNotSerializable(
+                "payload cannot be encoded as JSON: it is nested too deeply "
+                f"(Python's recursion limit is {sys.getrecursionlimit()})"
+            ) from None
+        try:
+            return text.encode()
+        except UnicodeEncodeError as exc:
+            raise PayloadNotSerializable(
+                "payload cannot be encoded as JSON: a string holds a lone surrogate "
+                f"{text[exc.start]!r}, which is not valid Unicode text"
+            ) from None
 
     def loads(self, data: bytes) -> Any:
         return json.loads(data)

@@ -1,13 +1,17 @@
 """The write path: `Outbox.publish()` and `@Outbox.transactional`.
 
 publish() validates and encodes the event at once (bad input fails at the call site),
-but writes the row only when the transaction commits, from SQLAlchemy's `before_commit`
-hook, after every domain statement of the transaction. On PostgreSQL it first takes a
-transaction-scoped advisory lock per key (in sorted order, so never a deadlock), held
-until the commit ends. Two transactions that publish for one key therefore insert,
-and draw their `position`, in the order they commit: a relay reading a shard by
-position sees each key's events in commit order (DESIGN.md, "Commit order is not id
-order").
+but writes the row only when the top-level transaction commits, from SQLAlchemy's
+`before_commit` hook, after flushing every pending domain statement of the transaction.
+On PostgreSQL it first takes a transaction-scoped advisory lock per key (in sorted
+order, so never a deadlock), held until the commit ends. Two transactions that publish
+for one key therefore insert, and draw their `position`, in the order they commit: a
+relay reading a shard by position sees each key's events in commit order
+(docs/design.md, "Write-time ordering").
+
+An event waits in `session.info` until then, tied to the transaction it was published
+in. However that transaction ends without committing (rollback, close, invalidation),
+its events are dropped with it; a rolled-back savepoint drops only its own.
 """
 
 from __future__ import annotations
@@ -25,19 +29,22 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from sqlalchemy import Connection
 from sqlalchemy import event as sa_event
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
 from outbox import _unsafe, shardcount
-from outbox.errors import ConfigError, PayloadTooLarge
+from outbox.errors import ConfigError, InvalidSession, PayloadNotSerializable, PayloadTooLarge
 from outbox.event import (
     DEFAULT_SOURCE,
     Event,
     Headers,
-    validate_headers,
-    validate_key,
+    RecordSizer,
+    check_headers,
+    key_size,
+    text_size,
+    type_size,
     validate_topic,
-    validate_type,
 )
 from outbox.schema import DEFAULT_PREFIX, Tables, make_tables
 from outbox.serde import JsonSerializer, Serializer
@@ -45,7 +52,8 @@ from outbox.serde import JsonSerializer, Serializer
 P = ParamSpec("P")
 R = TypeVar("R")
 
-DEFAULT_MAX_EVENT_BYTES = 1024 * 1024  # Kafka's default message.max.bytes is ~1 MiB
+# Kafka's default message.max.bytes is 1048588 (1 MiB + 12): this stays 12 bytes under.
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_SHARDS = shardcount.DEFAULT_SHARDS
 NotifyMode = Literal["auto", "always", "never"]
 
@@ -108,6 +116,12 @@ class Outbox:
         self.num_shards = num_shards
         self._checked: weakref.WeakSet[Any] = weakref.WeakSet()  # engines that agree
         self.notify = notify
+        for what, text in (("source", source),
+                           ("serializer.content_type", self.serializer.content_type)):
+            if not isinstance(text, str) or not text:
+                raise ConfigError(f"{what} must be a non-empty str, got {text!r}")
+            text_size(text, what, ConfigError)  # it goes into every row and record
+        self._sizer = RecordSizer(source=source, content_type=self.serializer.content_type)
         self._insert = self.tables.events.insert()
         self._pg_write = _pg_write_statements(self.tables)
         self._pg_write_one = _pg_write_one_statements(self.tables)
@@ -116,7 +130,7 @@ class Outbox:
 
     def publish(
         self,
-        session: Session | AsyncSession,
+        session: Session | AsyncSession | scoped_session[Any] | async_scoped_session[Any],
         *,
         topic: str,
         key: str,
@@ -126,22 +140,42 @@ class Outbox:
     ) -> Event:
         """Add an event to the session's transaction; it exists iff that transaction commits.
 
+        `session` is a `Session` or `AsyncSession`, or a `scoped_session` or
+        `async_scoped_session` (its current session is used); anything else, such as a
+        `Connection`, raises InvalidSession. A session without a transaction begins one,
+        as `Session.add()` does.
+
         Raises a PublishError subclass naming the problem for bad input; then nothing
         was added and the session is untouched.
+
+        Size: the event is measured as Kafka will measure it, as the record batch the
+        relay sends it in when alone (61-byte batch header, the record's varint framing,
+        key, payload, the CloudEvents headers and the user's), counting `ce_time` at
+        its longest, so the count is exact or up to 7 bytes over. That is compared with
+        `max_event_bytes`. Kafka's default `message.max.bytes` is 1048588, so the default
+        limit (1 MiB) leaves a margin of 12 bytes; with your own broker or topic limit,
+        set `max_event_bytes` to it at most.
         """
+        sync = _session_of(session)
         validate_topic(topic)
-        validate_key(key)
-        validate_type(type)
-        user_headers = validate_headers(headers)
+        key_len = key_size(key)
+        type_len = type_size(type)
+        user_headers, headers_len = check_headers(headers)
         data = self.serializer.dumps(payload)
-        size = len(data) + len(key.encode()) + sum(
-            len(n) + len(v if isinstance(v, bytes) else v.encode())
-            for n, v in user_headers.items()
-        )
+        if not isinstance(data, bytes):
+            if not isinstance(data, bytearray | memoryview):
+                raise PayloadNotSerializable(
+                    f"{self.serializer.__class__.__name__}.dumps() returned "
+                    f"{data.__class__.__name__}, not bytes"
+                )
+            data = bytes(data)
+        size = self._sizer.size(key=key_len, value=len(data), type=type_len,
+                                headers=headers_len, header_count=len(user_headers))
         if size > self.max_event_bytes:
             raise PayloadTooLarge(
-                f"event of type {type!r} for topic {topic!r} is {size} bytes, over the "
-                f"limit of {self.max_event_bytes} bytes (Outbox(max_event_bytes=...))"
+                f"event of type {type!r} for topic {topic!r} is {size} bytes as Kafka "
+                "counts it (payload, key, headers and record framing), over the limit "
+                f"of {self.max_event_bytes} bytes (Outbox(max_event_bytes=...))"
             )
         event = Event(
             topic=topic,
@@ -153,7 +187,6 @@ class Outbox:
             source=self.source,
             headers=user_headers,
         )
-        sync = session.sync_session if isinstance(session, AsyncSession) else session
         pending = _Pending(event, key_hash(key), _current_tx(sync))
         if _unsafe.disabled("ordering"):
             # Fault injection only: insert at once, without the key lock.
@@ -229,25 +262,32 @@ class Outbox:
         """Run the decorated function in one transaction, passing the session first.
 
         Commits when it returns, rolls back when it raises. A decorated function called
-        from inside another one with the same factory joins the outer transaction.
-        Works with `sessionmaker` on plain functions and with `async_sessionmaker` on
-        `async def` functions.
+        from inside another one with the same factory joins the outer transaction in a
+        savepoint of its own: when it raises, its rows and events are rolled back even
+        if the caller catches the exception. On a method (first parameter `self` or
+        `cls`) the session is passed after it. Works with `sessionmaker` on plain
+        functions and with `async_sessionmaker` on `async def` functions.
         """
         fid = id(session_factory)
 
         def decorate(fn: Callable[..., Any]) -> Any:
+            if isinstance(fn, classmethod | staticmethod):
+                raise ConfigError(
+                    f"put @transactional below @{type(fn).__name__}, not above it"
+                )
+            method = _takes_self(fn)
             if inspect.iscoroutinefunction(fn):
                 if not isinstance(session_factory, async_sessionmaker):
                     raise ConfigError(
                         f"{fn.__qualname__} is async: decorate it with an async_sessionmaker"
                     )
-                return _async_wrapper(fn, session_factory, fid)
+                return _async_wrapper(fn, session_factory, fid, method)
             if isinstance(session_factory, async_sessionmaker):
                 raise ConfigError(
                     f"{fn.__qualname__} is not async: use a sessionmaker, not an "
                     "async_sessionmaker"
                 )
-            return _sync_wrapper(fn, session_factory, fid)
+            return _sync_wrapper(fn, session_factory, fid, method)
 
         return decorate
 
@@ -303,10 +343,21 @@ def _install_hooks() -> None:
     if not _hooks_installed:
         sa_event.listen(Session, "before_commit", _before_commit)
         sa_event.listen(Session, "after_soft_rollback", _after_soft_rollback)
+        sa_event.listen(Session, "after_transaction_end", _after_transaction_end)
         _hooks_installed = True
 
 
 def _before_commit(session: Session) -> None:
+    """Write the pending events when the top-level transaction commits.
+
+    A savepoint's release fires this hook too: its events wait for the top-level commit
+    (one write per transaction, key locks held no longer than needed). The flush comes
+    first, so that events published by flush hooks are written too and the key locks
+    are taken after the domain statements.
+    """
+    if not session.info.get(_PENDING) or session.in_nested_transaction():
+        return
+    session.flush()
     boxes: dict[Outbox, list[_Pending]] | None = session.info.pop(_PENDING, None)
     if boxes:
         for box, queue in boxes.items():
@@ -315,15 +366,38 @@ def _before_commit(session: Session) -> None:
 
 
 def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+    """A rollback drops the events of what it rolled back: a savepoint's own, or all."""
     boxes: dict[Outbox, list[_Pending]] | None = session.info.get(_PENDING)
     if not boxes:
         return
-    if not previous.nested:
+    # What SQLAlchemy rolled back: the nearest savepoint or the top-level transaction
+    # (`previous` may be a flush's subtransaction inside it).
+    boundary = previous
+    while boundary.parent is not None and not boundary.nested:
+        boundary = boundary.parent
+    _drop_within(session, boxes, boundary)
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    """The top-level transaction ended (committed, rolled back, closed, invalidated):
+    whatever it still holds will never be written. A savepoint's end is not decisive:
+    released, its events join the enclosing transaction; rolled back, see above."""
+    if transaction.parent is None:
+        boxes: dict[Outbox, list[_Pending]] | None = session.info.get(_PENDING)
+        if boxes:
+            _drop_within(session, boxes, transaction)
+
+
+def _drop_within(session: Session, boxes: dict[Outbox, list[_Pending]],
+                 ended: SessionTransaction) -> None:
+    for box in list(boxes):
+        kept = [p for p in boxes[box] if not _within(p.tx, ended)]
+        if kept:
+            boxes[box] = kept
+        else:
+            del boxes[box]
+    if not boxes:
         session.info.pop(_PENDING, None)
-        return
-    # A rolled-back savepoint drops the events published inside it, and only those.
-    for queue in boxes.values():
-        queue[:] = [p for p in queue if not _within(p.tx, previous)]
 
 
 def _json_headers(headers: Mapping[str, str | bytes]) -> str | None:
@@ -331,17 +405,45 @@ def _json_headers(headers: Mapping[str, str | bytes]) -> str | None:
     return None if encoded is None else json.dumps(encoded)
 
 
-def _sync_wrapper(fn: Callable[..., R], factory: sessionmaker[Session], fid: int) -> Any:
+def _takes_self(fn: Callable[..., Any]) -> bool:
+    """Whether fn is a method (its first parameter is `self` or `cls`): the session then
+    goes second. Refuses a function with no positional parameter to take the session."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+    positional = [p for p in params if p.kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    method = bool(positional) and positional[0].name in ("self", "cls")
+    if len(positional) < 1 + method and not varargs:
+        where = f"after {positional[0].name!r}" if method else "first"
+        raise ConfigError(
+            f"{fn.__qualname__} takes no parameter for the session, which "
+            f"@transactional passes {where}"
+        )
+    return method
+
+
+def _arguments(session: Any, args: tuple[Any, ...], method: bool) -> tuple[Any, ...]:
+    return (*args[:1], session, *args[1:]) if method else (session, *args)
+
+
+def _sync_wrapper(
+    fn: Callable[..., R], factory: sessionmaker[Session], fid: int, method: bool
+) -> Any:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> R:
         active = _active_sessions.get()
         joined = active.get(fid)
         if joined is not None:
-            return fn(joined, *args, **kwargs)
+            _begin_for_savepoint(joined)
+            with joined.begin_nested():  # rolled back if fn raises, even when caught
+                return fn(*_arguments(joined, args, method), **kwargs)
         with factory() as session, session.begin():
             token = _active_sessions.set({**active, fid: session})
             try:
-                return fn(session, *args, **kwargs)
+                return fn(*_arguments(session, args, method), **kwargs)
             finally:
                 _active_sessions.reset(token)
 
@@ -349,26 +451,83 @@ def _sync_wrapper(fn: Callable[..., R], factory: sessionmaker[Session], fid: int
 
 
 def _async_wrapper(
-    fn: Callable[..., Awaitable[R]], factory: async_sessionmaker[AsyncSession], fid: int
+    fn: Callable[..., Awaitable[R]], factory: async_sessionmaker[AsyncSession], fid: int,
+    method: bool,
 ) -> Any:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> R:
         active = _active_sessions.get()
         joined = active.get(fid)
         if joined is not None:
-            return await fn(joined, *args, **kwargs)
+            if _is_sqlite(joined.sync_session):
+                await joined.run_sync(_begin_for_savepoint)
+            async with joined.begin_nested():  # rolled back if fn raises, even when caught
+                return await fn(*_arguments(joined, args, method), **kwargs)
         async with factory() as session, session.begin():
             token = _active_sessions.set({**active, fid: session})
             try:
-                return await fn(session, *args, **kwargs)
+                return await fn(*_arguments(session, args, method), **kwargs)
             finally:
                 _active_sessions.reset(token)
 
     return wrapper
 
 
-def _current_tx(session: Session) -> SessionTransaction | None:
-    return session.get_nested_transaction() or session.get_transaction()
+def _is_sqlite(session: Session) -> bool:
+    bind = session.bind
+    return bind is not None and bind.dialect.name == "sqlite"
+
+
+def _begin_for_savepoint(session: Session) -> None:
+    """pysqlite and aiosqlite begin SQLite's transaction lazily, at the first write: a
+    SAVEPOINT before that would begin it instead, and its RELEASE would commit the
+    outer call's work. So begin it first (SQLite only; a no-op elsewhere)."""
+    if not _is_sqlite(session):
+        return
+    conn = session.connection()
+    if not getattr(conn.connection.driver_connection, "in_transaction", True):
+        conn.exec_driver_sql("BEGIN")
+
+
+def _session_of(session: object) -> Session:
+    """The ORM Session behind what publish() was given; refuses what has no commit hook."""
+    if isinstance(session, Session):
+        return session
+    if isinstance(session, AsyncSession):
+        return session.sync_session
+    if isinstance(session, scoped_session):
+        return cast(Session, session())  # the current session of its scope
+    if isinstance(session, async_scoped_session):
+        return cast(AsyncSession, session()).sync_session
+    kind = type(session).__name__
+    if "Connection" in kind:
+        fix = ("a Connection has no commit hook to write the event from, so it would be "
+               "lost: open `Session(bind=conn)` on it, publish on that session and call "
+               "its commit() inside the `with` block")
+    else:
+        fix = ("pass the session of the transaction the event belongs to "
+               "(sqlalchemy.orm.Session, AsyncSession, or a scoped one)")
+    raise InvalidSession(f"publish() needs a Session or an AsyncSession, got {kind}: {fix}")
+
+
+def _current_tx(session: Session) -> SessionTransaction:
+    """The innermost transaction, begun as `Session.add()` begins it if there is none:
+    an event always belongs to a transaction whose end the hooks see."""
+    tx = session.get_nested_transaction() or session.get_transaction()
+    if tx is None:
+        try:
+            tx = session._autobegin_t()
+        except sa_exc.InvalidRequestError as exc:  # autobegin=False and no begin()
+            raise InvalidSession(
+                f"the session has no transaction to publish in ({exc}): call "
+                "session.begin() first"
+            ) from None
+    if not tx.is_active:
+        raise InvalidSession(
+            "the session's transaction is no longer active (an error rolled it back, or "
+            "it is committing): call session.rollback() and publish in a new one"
+        )
+    return tx
 
 
 def _within(tx: SessionTransaction | None, ancestor: SessionTransaction) -> bool:

@@ -19,6 +19,7 @@ from outbox import (
     Outbox,
     PayloadNotSerializable,
     PayloadTooLarge,
+    shardcount,
 )
 from outbox.schema import make_tables, validate_prefix
 from outbox.writer import decode_headers, shard_of
@@ -38,8 +39,19 @@ class Order(Base):
 def engine(tmp_path: Path) -> sa.Engine:
     eng = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     Base.metadata.create_all(eng)
-    make_tables().metadata.create_all(eng)
+    create_outbox(eng)
     return eng
+
+
+def create_outbox(bind: sa.Engine | sa.Connection) -> None:
+    """The outbox tables with their shard rows (what `outbox db upgrade` makes)."""
+    tables = make_tables()
+    if isinstance(bind, sa.Engine):
+        with bind.begin() as conn:
+            create_outbox(conn)
+        return
+    tables.metadata.create_all(bind)
+    shardcount.configure(bind, tables, None)
 
 
 def events(engine: sa.Engine) -> list[sa.Row[tuple[object, ...]]]:
@@ -159,7 +171,7 @@ def test_async_session_commit_and_rollback(tmp_path: Path) -> None:
         eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.sqlite'}")
         async with eng.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
-            await conn.run_sync(make_tables().metadata.create_all)
+            await conn.run_sync(create_outbox)
         box = Outbox()
         factory = async_sessionmaker(eng)
 
