@@ -30,7 +30,7 @@ GRANT USAGE ON SEQUENCE orders_id_seq TO {writer};
 
 GRANT SELECT, UPDATE, DELETE ON outbox_events TO {relay};
 GRANT SELECT, INSERT ON outbox_dead_letters TO {relay};
-GRANT SELECT, INSERT, UPDATE ON outbox_shards TO {relay};
+GRANT SELECT, UPDATE ON outbox_shards TO {relay};
 
 GRANT SELECT, INSERT, DELETE ON outbox_inbox TO {consumer};
 GRANT SELECT, INSERT, UPDATE ON order_view TO {consumer};
