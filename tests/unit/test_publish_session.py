@@ -80,7 +80,7 @@ def test_the_advice_for_a_connection_works(engine: sa.Engine) -> None:
     lambda eng: eng, lambda eng: None, lambda eng: sessionmaker(eng), lambda eng: "session",
 ])
 def test_other_objects_are_refused(engine: sa.Engine, make: Callable[[sa.Engine], Any]) -> None:
-    with pytest.raises(InvalidSession, match="publish\\(\\) needs a Session or an AsyncSession"):
+    with pytest.raises(InvalidSession, match=r"publish\(\) needs a Session or an AsyncSession"):
         Outbox().publish(make(engine), topic="t", key="k", type="T", payload={})
 
 
@@ -133,7 +133,7 @@ def test_async_scoped_session_publishes_in_its_current_session(tmp_path: Path) -
 
 def test_a_session_without_autobegin_needs_a_transaction(engine: sa.Engine) -> None:
     with Session(engine, autobegin=False) as s:
-        with pytest.raises(InvalidSession, match="call session.begin\\(\\) first"):
+        with pytest.raises(InvalidSession, match=r"call session.begin\(\) first"):
             pub(Outbox(), s, "T")
         with s.begin():
             pub(Outbox(), s, "Begun")
