@@ -204,8 +204,8 @@ class Outbox:
             n = self._shard_count(conn)
             conn.execute(self._insert, [self._row(p, n) for p in queue])
             return
-        if self.num_shards is not None and conn.engine not in self._checked:
-            self._shard_count(conn)  # once per engine: an explicit count must agree
+        if conn.engine not in self._checked:
+            self._shard_count(conn)  # once per engine: the count is set, and agrees
         ch = self.tables.channel
         if len(queue) == 1:  # the common case: scalar parameters adapt faster than arrays
             p, e = queue[0], queue[0].event
@@ -235,8 +235,13 @@ class Outbox:
         conn.exec_driver_sql(self._pg_write[self.notify], params)
 
     def _shard_count(self, conn: Connection) -> int:
-        """The database's shard count (checked against an explicit `num_shards`)."""
+        """The database's shard count, checked once per engine on PostgreSQL: set by
+        `outbox db upgrade` (the INSERT divides by it) and equal to an explicit
+        `num_shards`. SQLite has no relays to disagree with: tables made with
+        `create_all` (no count) get `num_shards`, or 16."""
         n = shardcount.read(conn, self.tables)
+        if n == 0 and conn.dialect.name != "postgresql":
+            return self.num_shards or shardcount.DEFAULT_SHARDS
         shardcount.mismatch(self.num_shards, n, "Outbox(num_shards=...)")
         self._checked.add(conn.engine)
         return n
