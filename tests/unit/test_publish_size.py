@@ -87,7 +87,8 @@ def test_publish_counts_the_record_the_relay_sends(
     for source in ("transactional-outbox", "s" * 200):
         box = Outbox(source=source)
         sizer = RecordSizer(source=source, content_type=box.serializer.content_type)
-        for payload in ({}, "x" * 60, "y" * 9000):
+        payloads: list[object] = [{}, "x" * 60, "y" * 9000]
+        for payload in payloads:
             event = box.publish(session, topic="t", key=key, type="Type" * 20,
                                 payload=payload, headers=headers)
             user, user_len = check_headers(headers)
