@@ -135,3 +135,15 @@ def test_migrate_upgrade_in_python_takes_the_count(empty_db_url: str) -> None:
     migrate.upgrade(empty_db_url, shards=2)
     with pytest.raises(ConfigError, match="has 2 shards, not 3"):
         migrate.upgrade(empty_db_url, shards=3)
+
+
+def test_tables_without_a_count_are_a_clear_error_at_commit(empty_db_url: str) -> None:
+    engine = sa.create_engine(empty_db_url)
+    try:
+        tables.metadata.create_all(engine)  # the tables, but never `outbox db upgrade`
+        with pytest.raises(ConfigError, match="run `outbox db upgrade`"), Session(engine) as s:
+            Outbox().publish(s, topic="t", key="k", type="T", payload={})
+            s.commit()
+        assert stored_shards(engine) == []
+    finally:
+        engine.dispose()
