@@ -41,7 +41,7 @@ SEED ?= 1
 DURATION ?= 600
 chaos: .venv/.installed
 	$(WITH_STACK) $(PY) -m tests.chaos.run --seed $(SEED) --duration $(DURATION) \
-		--min-faults 50 $(if $(UNSAFE),--unsafe $(UNSAFE))
+		--min-faults-per-10min 50 $(if $(UNSAFE),--unsafe $(UNSAFE))
 
 stack-up:
 	$(STACK) up

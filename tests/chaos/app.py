@@ -48,6 +48,63 @@ class RollBack(Exception):
     """Raised on purpose after publishing: the event must never be seen."""
 
 
+def bump(session: Session, key: str) -> int:
+    """The key's next version; the row lock it takes makes versions follow commit order."""
+    return int(session.execute(sa.text(
+        "INSERT INTO chaos_versions VALUES (:k, 1) ON CONFLICT (key) DO UPDATE "
+        "SET version = chaos_versions.version + 1 RETURNING version"), {"k": key}).scalar_one())
+
+
+def record(session: Session, event: Event, version: int) -> None:
+    """What the checker compares Kafka with: this event carries this version of its key."""
+    session.execute(sa.text("INSERT INTO chaos_events VALUES (:e, :k, :v)"),
+                    {"e": event.id, "k": event.key, "v": version})
+
+
+def race(factory: sessionmaker[Session], box: Outbox, topic: str, key: str,
+         timeout: float = 10.0) -> bool:
+    """Two transactions on one key, where the one that publishes first commits last.
+
+    The first publishes, then waits; the second bumps the version, publishes and commits;
+    then the first bumps and commits. Versions follow commit order (the row lock), so the
+    first's event must reach Kafka after the second's. An outbox that fixes an event's
+    place when `publish()` is called, not when its transaction commits, puts it first:
+    with relays held back until both have committed, that is an order violation every
+    time. True when both committed.
+    """
+    published, go = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def first() -> None:
+        try:
+            with factory() as session, session.begin():
+                event = box.publish(session, topic=topic, key=key, type="Bumped",
+                                    payload={"k": key, "race": "first"})
+                published.set()
+                if not go.wait(timeout):
+                    raise TimeoutError("the second transaction did not finish")
+                record(session, event, bump(session, key))
+            outcome["first"] = True
+        except Exception as exc:  # reported to the caller, which counts a miss
+            outcome["first"] = exc
+        finally:
+            published.set()
+
+    thread = threading.Thread(target=first, daemon=True, name=f"race-{key}")
+    thread.start()
+    try:
+        if not published.wait(timeout) or "first" in outcome:
+            return False
+        with factory() as session, session.begin():
+            version = bump(session, key)
+            record(session, box.publish(session, topic=topic, key=key, type="Bumped",
+                                        payload={"k": key, "v": version}), version)
+    finally:
+        go.set()
+        thread.join(timeout + 5)
+    return outcome.get("first") is True
+
+
 def writer(db_url: str, topic: str, keys: int, threads: int, rate: float, seed: int) -> None:
     engine = sa.create_engine(db_url, pool_size=threads, pool_pre_ping=True,
                               connect_args={"connect_timeout": 5})
@@ -56,11 +113,6 @@ def writer(db_url: str, topic: str, keys: int, threads: int, rate: float, seed: 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     throttle = Throttled(log)
-
-    def bump(session: Session, key: str) -> int:
-        return int(session.execute(sa.text(
-            "INSERT INTO chaos_versions VALUES (:k, 1) ON CONFLICT (key) DO UPDATE "
-            "SET version = chaos_versions.version + 1 RETURNING version"), {"k": key}).scalar_one())
 
     @box.transactional(factory)
     def write(session: Session, key: str, publish_first: bool, rollback: bool) -> None:
@@ -71,8 +123,7 @@ def writer(db_url: str, topic: str, keys: int, threads: int, rate: float, seed: 
             version = bump(session, key)
             event = box.publish(session, topic=topic, key=key, type="Bumped",
                                 payload={"k": key, "v": version})
-        session.execute(sa.text("INSERT INTO chaos_events VALUES (:e, :k, :v)"),
-                        {"e": event.id, "k": key, "v": version})
+        record(session, event, version)
         if rollback:
             raise RollBack
 

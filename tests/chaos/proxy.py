@@ -1,18 +1,23 @@
-"""A TCP proxy the chaos harness owns, on loopback: cut, blackhole and slow connections.
+"""A TCP proxy the chaos harness owns, on loopback: cut, blackhole, hold and slow connections.
 
 Relays and consumers reach Kafka and PostgreSQL through it, so the harness can break
-the network between them without touching the servers.
+the network between them without touching the servers. It can also tell which client
+process has a Kafka request held back in it: that is how the harness finds a relay
+with a send in flight, to kill or stop it at exactly that moment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import threading
 import time
+from collections.abc import Iterable
 
 RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends a reset
+KAFKA_PRODUCE = 0  # the API key of a Kafka Produce request
 
 
 class TcpProxy:
@@ -22,10 +27,12 @@ class TcpProxy:
         self.name = name
         self.target = ("127.0.0.1", target_port)
         self._server = socket.create_server(("127.0.0.1", listen_port), reuse_port=True)
+        self.listen_port: int = self._server.getsockname()[1]  # listen_port, or the one given for 0
         self._server.settimeout(0.5)
-        self._conns: set[socket.socket] = set()
+        self._clients: dict[socket.socket, socket.socket] = {}  # client side -> upstream
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._holds = 0  # while > 0, bytes are held back (see hold())
         self.blackhole_until = 0.0  # until then, bytes are held back (not lost)
         self.latency = 0.0  # seconds added before each chunk is forwarded
         self.refuse_until = 0.0  # until then, new connections are closed at once
@@ -34,23 +41,37 @@ class TcpProxy:
     # -- faults -----------------------------------------------------------------------
 
     def cut(self, refuse_for: float = 0.0) -> int:
-        """Close every open connection (both sides see a reset); optionally refuse new ones."""
+        """Close every open connection with a reset, dropping the bytes held in them (they
+        never reach the other side); optionally refuse new connections for a while."""
         self.refuse_until = time.monotonic() + refuse_for
         with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-                c.close()
-        return len(conns) // 2
+            pairs, self._clients = list(self._clients.items()), {}
+        for pair in pairs:
+            for c in pair:
+                with contextlib.suppress(OSError):
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                    c.close()
+        return len(pairs)
 
     def blackhole(self, seconds: float) -> None:
-        self.blackhole_until = time.monotonic() + seconds
+        """Hold every byte back for `seconds` (extends a blackhole already running)."""
+        self.blackhole_until = max(self.blackhole_until, time.monotonic() + seconds)
+
+    def hold(self) -> None:
+        """Hold every byte back until the matching release(); holds nest."""
+        with self._lock:
+            self._holds += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds = max(0, self._holds - 1)
 
     def slow(self, seconds: float) -> None:
         self.latency = seconds
 
     def heal(self) -> None:
+        with self._lock:
+            self._holds = 0
         self.blackhole_until = self.refuse_until = 0.0
         self.latency = 0.0
 
@@ -58,6 +79,27 @@ class TcpProxy:
         self._stop.set()
         self.cut()
         self._server.close()
+
+    def held(self) -> bool:
+        return self._holds > 0 or time.monotonic() < self.blackhole_until
+
+    # -- what is held -----------------------------------------------------------------
+
+    def held_kafka_requests(self) -> dict[int, list[int]]:
+        """For each client connection with bytes held back (by the client's port): the API
+        keys of the Kafka requests among them, read without consuming them."""
+        with self._lock:
+            clients = list(self._clients)
+        out: dict[int, list[int]] = {}
+        for c in clients:
+            try:
+                data = c.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                port = c.getpeername()[1]
+            except (BlockingIOError, OSError):
+                continue
+            if data:
+                out[port] = kafka_api_keys(data)
+        return out
 
     # -- forwarding -------------------------------------------------------------------
 
@@ -76,18 +118,18 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
-                self._conns.update((client, upstream))
+                self._clients[client] = upstream
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
         try:
             while not self._stop.is_set():
-                if time.monotonic() < self.blackhole_until:
+                if self.held():
                     time.sleep(0.05)
                     continue
                 readable, _, _ = select.select([a, b], [], [], 0.2)
-                if time.monotonic() < self.blackhole_until:
+                if self.held():
                     continue  # it started while we waited: hold these bytes back too
                 for sock in readable:
                     data = sock.recv(65536)
@@ -100,8 +142,47 @@ class TcpProxy:
             return
         finally:
             with self._lock:
-                self._conns.discard(a)
-                self._conns.discard(b)
+                self._clients.pop(a, None)
             for s in (a, b):
                 with contextlib.suppress(OSError):
                     s.close()
+
+
+def kafka_api_keys(data: bytes) -> list[int]:
+    """The API keys of the Kafka requests framed in `data` (each: int32 size, int16 key,
+    ...); the last may be cut short."""
+    keys: list[int] = []
+    i = 0
+    while i + 6 <= len(data):
+        size = int.from_bytes(data[i:i + 4], "big", signed=True)
+        if size < 2:
+            break
+        keys.append(int.from_bytes(data[i + 4:i + 6], "big", signed=True))
+        i += 4 + size
+    return keys
+
+
+def port_owners(ports: Iterable[int], remote_port: int, pids: Iterable[int]) -> dict[int, int]:
+    """Which of `pids` owns the loopback TCP socket from each local port to `remote_port`
+    (Linux: /proc/net/tcp gives the socket's inode, /proc/PID/fd the process)."""
+    wanted = set(ports)
+    inodes: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            port = int(local.rsplit(":", 1)[1], 16)
+            if port in wanted and int(remote.rsplit(":", 1)[1], 16) == remote_port:
+                inodes[f"socket:[{fields[9]}]"] = port
+    owners: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                owned = inodes.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                if owned is not None:
+                    owners[owned] = pid
+    return owners

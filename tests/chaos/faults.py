@@ -1,0 +1,357 @@
+"""The chaos run's processes and faults.
+
+Random faults (kills, pauses, broker and database restarts, network cuts) hit the crash
+windows of the design only by luck. The `window_*` kinds hit them on purpose, each
+aimed at the window one safety mechanism closes, so removing that mechanism
+(`OUTBOX_UNSAFE_DISABLE`) is caught in every run, not in some:
+
+  window_send_crash    a relay dies right after handing a batch to the producer, before
+                       any of it left the process (crash point relay.after_send, a long
+                       linger): without `ack`, the batch was deleted already and is lost.
+  window_inflight_kill a relay is killed while Kafka has not received its Produce request
+                       (held in the proxy, then dropped): without `ack`, lost.
+  window_ack_crash     a relay dies after Kafka's ack, before the delete (relay.after_ack):
+                       the batch is sent again; without `dedupe`, applied twice.
+  window_commit_crash  a consumer dies after its database commit, before the offset commit
+                       (consumer.after_commit): redelivered; without `dedupe`, applied twice.
+  window_inflight_stall a relay is stopped with a Produce request in flight (held, then
+                       dropped) for longer than its lease while the others go on, then
+                       resumed: without `shards` (relays sharing rows through SKIP LOCKED)
+                       its events reach Kafka after later events of the same keys.
+  window_order_race    two transactions on one key, the first to publish commits last, with
+                       the relays held back until both committed: without `ordering`
+                       (an event's place fixed at publish(), not at commit), out of order.
+
+A fault counts only when it hit its window (the crash point was reached, a send was in
+flight, both transactions committed); a miss is logged and its time spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from outbox import Outbox, _unsafe
+from outbox._faults import EXIT_CODE as CRASH_EXIT
+from tests.chaos.app import race
+from tests.chaos.proxy import KAFKA_PRODUCE, TcpProxy, port_owners
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK = str(ROOT / "scripts" / "stack")
+LEASE = 3  # the relays' --lease
+
+RANDOM_KINDS = ("relay_kill", "consumer_kill", "relay_pause", "kafka_kill", "pg_restart",
+                "net_cut", "net_blackhole", "net_latency")
+WINDOW_KINDS = ("window_send_crash", "window_inflight_kill", "window_ack_crash",
+                "window_commit_crash", "window_inflight_stall", "window_order_race")
+KINDS = RANDOM_KINDS + WINDOW_KINDS
+
+# Seconds a fault of each kind is expected to take, until the run has measured it.
+PRIOR_SECONDS = {
+    "relay_kill": 1.5, "consumer_kill": 2.0, "relay_pause": LEASE + 3.0, "kafka_kill": 8.0,
+    "pg_restart": 2.0, "net_cut": 1.0, "net_blackhole": 4.0, "net_latency": 4.0,
+    "window_send_crash": 5.0, "window_inflight_kill": 2.5, "window_ack_crash": 5.0,
+    "window_commit_crash": 6.0, "window_inflight_stall": LEASE + 4.0,
+    "window_order_race": 0.5,
+}
+
+# The armed relay of window_send_crash keeps its first batch in the producer (linger)
+# until the crash point ends the process: none of it can have reached Kafka.
+HOLD_IN_PRODUCER = ["--linger-ms", "5000", "--delivery-timeout-ms", "40000"]
+
+
+class Proc:
+    """A child process we can kill, pause and restart; its output goes to a log file.
+
+    `lock` is held by whoever acts on the process (a fault, the supervisor)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name, self.argv, self.env = name, argv, env
+        self.log = logs / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.RLock()
+        self.start()
+
+    def start(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        """Start it, with `env` added to its environment and `args` to its command line."""
+        with open(self.log, "ab") as out:
+            if env or args:
+                out.write(f"--- chaos: started with {env or {}} {args or []}\n".encode())
+                out.flush()
+            self.proc = subprocess.Popen([*self.argv, *(args or [])], stdout=out,
+                                         stderr=subprocess.STDOUT,
+                                         env={**self.env, **(env or {})}, cwd=ROOT)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def exit_code(self) -> int | None:
+        """The exit code once it has exited; None while it runs (or never started)."""
+        return self.proc.poll() if self.proc else None
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait_exit(10)
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        if self.wait_exit(timeout) is None:
+            self.kill()
+
+    def kill_and_restart(self, down: float) -> None:
+        with self.lock:
+            self.kill()
+            time.sleep(down)
+            self.start()
+
+    def pause(self, seconds: float) -> None:
+        with self.lock:
+            self.signal(signal.SIGSTOP)
+            time.sleep(seconds)
+            self.signal(signal.SIGCONT)
+
+    def ensure_running(self) -> None:
+        with self.lock:
+            self.signal(signal.SIGCONT)
+            if self.proc is None or self.proc.poll() is not None:
+                self.start()
+
+    def terminate(self, timeout: float = 40) -> int | None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        code = self.wait_exit(timeout)
+        if code is None:
+            self.kill()
+        return code
+
+
+class Supervisor:
+    """Restarts a relay or consumer that exited on its own (nobody holds its lock)."""
+
+    def __init__(self, procs: list[Proc], log: Callable[[str], None]) -> None:
+        self.procs, self.log = procs, log
+        self.exits: dict[str, list[int]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="supervisor")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for p in self.procs:
+                if not p.lock.acquire(blocking=False):
+                    continue
+                try:
+                    code = p.exit_code()
+                    if code is not None:
+                        self.exits[p.name].append(code)
+                        self.log(f"  {p.name} exited on its own (code {code}); restarted")
+                        p.start()
+                finally:
+                    p.lock.release()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def stack(*args: str) -> None:
+    subprocess.run([STACK, *args], check=True, timeout=180, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+
+
+class Faults:
+    """Every kind of fault, injected on demand: `inject(kind, rng)` -> (hit, detail)."""
+
+    def __init__(self, *, relays: list[Proc], consumers: list[Proc], kafka_proxy: TcpProxy,
+                 pg_proxy: TcpProxy, factory: sessionmaker[Session], topic: str,
+                 unsafe: str | None) -> None:
+        self.relays, self.consumers = relays, consumers
+        self.kafka_proxy, self.pg_proxy = kafka_proxy, pg_proxy
+        self.proxies = [kafka_proxy, pg_proxy]
+        self.factory, self.topic, self.unsafe = factory, topic, unsafe
+        self.box = Outbox()
+        self.kafka_up = threading.Event()
+        self.pg_up = threading.Event()
+        self.kafka_up.set()
+        self.pg_up.set()
+        self._races = 0
+
+    def inject(self, kind: str, rng: random.Random) -> tuple[bool, str]:
+        method: Callable[[random.Random], tuple[bool, str]] = getattr(self, kind)
+        return method(rng)
+
+    # -- random faults ----------------------------------------------------------------
+
+    def relay_kill(self, rng: random.Random) -> tuple[bool, str]:
+        p = rng.choice(self.relays)
+        p.kill_and_restart(rng.uniform(0.1, 1.5))
+        return True, p.name
+
+    def consumer_kill(self, rng: random.Random) -> tuple[bool, str]:
+        p = rng.choice(self.consumers)
+        p.kill_and_restart(rng.uniform(0.1, 1.5))
+        return True, p.name
+
+    def relay_pause(self, rng: random.Random) -> tuple[bool, str]:
+        p = rng.choice(self.relays)
+        p.pause(LEASE + rng.uniform(1, 3))
+        return True, p.name
+
+    def kafka_kill(self, rng: random.Random) -> tuple[bool, str]:
+        """kill -9 the broker, and start it again as soon as it is gone (plus up to 1 s)."""
+        self.kafka_up.clear()
+        with contextlib.suppress(subprocess.CalledProcessError):
+            stack("kafka-kill")  # fails when not running (an earlier start failed)
+        time.sleep(rng.uniform(0, 1))
+        stack("kafka-start")
+        self.kafka_up.set()
+        return True, ""
+
+    def pg_restart(self, rng: random.Random) -> tuple[bool, str]:
+        self.pg_up.clear()
+        stack("pg-restart", "-m", "immediate")
+        self.pg_up.set()
+        return True, ""
+
+    def net_cut(self, rng: random.Random) -> tuple[bool, str]:
+        proxy = rng.choice(self.proxies)
+        n = proxy.cut(refuse_for=rng.uniform(0, 2))
+        return True, f"{proxy.name}: {n} connections"
+
+    def net_blackhole(self, rng: random.Random) -> tuple[bool, str]:
+        proxy = rng.choice(self.proxies)
+        seconds = rng.uniform(2, 6)
+        proxy.blackhole(seconds)
+        time.sleep(seconds)
+        return True, f"{proxy.name}: {seconds:.1f}s"
+
+    def net_latency(self, rng: random.Random) -> tuple[bool, str]:
+        proxy = rng.choice(self.proxies)
+        proxy.slow(rng.uniform(0.02, 0.2))
+        time.sleep(rng.uniform(2, 6))
+        proxy.slow(0.0)
+        return True, proxy.name
+
+    # -- faults aimed at the crash windows --------------------------------------------
+
+    def window_send_crash(self, rng: random.Random) -> tuple[bool, str]:
+        return self._crash_at(rng.choice(self.relays), "relay.after_send", HOLD_IN_PRODUCER)
+
+    def window_ack_crash(self, rng: random.Random) -> tuple[bool, str]:
+        return self._crash_at(rng.choice(self.relays), "relay.after_ack")
+
+    def window_commit_crash(self, rng: random.Random) -> tuple[bool, str]:
+        return self._crash_at(rng.choice(self.consumers), "consumer.after_commit")
+
+    def window_inflight_kill(self, rng: random.Random) -> tuple[bool, str]:
+        return self._in_flight(rng, stall=False)
+
+    def window_inflight_stall(self, rng: random.Random) -> tuple[bool, str]:
+        return self._in_flight(rng, stall=True)
+
+    def window_order_race(self, rng: random.Random) -> tuple[bool, str]:
+        if not self.pg_up.wait(20):
+            return False, "PostgreSQL down"
+        self._races += 1
+        key = f"race-{self._races}"
+        unsafe = _unsafe.disable("ordering") if self.unsafe == "ordering" \
+            else contextlib.nullcontext()
+        self.pg_proxy.hold()  # relays see neither commit until both are done
+        try:
+            time.sleep(0.1)  # a relay's query already at the server finishes first
+            with unsafe:
+                return race(self.factory, self.box, self.topic, key), key
+        finally:
+            self.pg_proxy.release()
+
+    def _crash_at(self, p: Proc, point: str, args: list[str] | None = None,
+                  wait: float = 30.0) -> tuple[bool, str]:
+        """Restart `p` armed to exit at crash point `point`, wait for that exit, restart
+        it unarmed. A hit when it exited there (code 86)."""
+        if not (self.kafka_up.wait(30) and self.pg_up.wait(30)):
+            return False, "servers down"
+        with p.lock:
+            p.stop(timeout=5)
+            p.start(env={"OUTBOX_FAULT_CRASH": f"{point}:1"}, args=args)
+            code = p.wait_exit(wait)
+            if code is None:
+                p.kill()
+            p.start()
+        return code == CRASH_EXIT, f"{p.name} exit {code}"
+
+    def _in_flight(self, rng: random.Random, stall: bool) -> tuple[bool, str]:
+        """Hold the relays' traffic to Kafka until one has a Produce request held; then
+        kill it (or stop it), drop every held byte with the connections, and let the
+        others go on. The killed relay is restarted; the stopped one resumes after its
+        lease has expired."""
+        if not self.kafka_up.wait(30):
+            return False, "Kafka down"
+        proxy = self.kafka_proxy
+        proxy.hold()
+        holding = True
+        try:
+            victim = self._relay_with_send_held(rng, timeout=4.0)
+            if victim is None:
+                return False, "no relay had a send in flight"
+            if not victim.lock.acquire(timeout=1.0):
+                return False, f"{victim.name} busy with another fault"
+            try:
+                time.sleep(0.5)  # it has deleted (without `ack`) and waits for the answer
+                if stall:
+                    victim.signal(signal.SIGSTOP)
+                else:
+                    victim.kill()
+                dropped = proxy.cut()
+                proxy.release()
+                holding = False
+                if stall:
+                    time.sleep(LEASE + rng.uniform(1.5, 3.0))
+                    victim.signal(signal.SIGCONT)
+                else:
+                    time.sleep(rng.uniform(0.1, 1.0))
+                    victim.start()
+            finally:
+                victim.lock.release()
+            return True, f"{victim.name}, {dropped} connections dropped"
+        finally:
+            if holding:
+                proxy.release()
+
+    def _relay_with_send_held(self, rng: random.Random, timeout: float) -> Proc | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            held = self.kafka_proxy.held_kafka_requests()
+            ports = [port for port, keys in held.items() if KAFKA_PRODUCE in keys]
+            if not ports:
+                continue
+            by_pid = {p.pid: p for p in self.relays if p.pid is not None}
+            owners = port_owners(ports, self.kafka_proxy.listen_port, by_pid)
+            names = sorted({by_pid[pid].name for pid in owners.values()})
+            if names:
+                return next(p for p in self.relays if p.name == rng.choice(names))
+        return None
