@@ -53,3 +53,15 @@ def test_bytes_serializer() -> None:
     assert s.dumps(b"\x00x") == b"\x00x" and s.loads(b"ab") == b"ab"
     with pytest.raises(PayloadNotSerializable, match="takes bytes, got str"):
         s.dumps("text")
+
+
+def test_json_refuses_deep_and_non_unicode_payloads_as_publish_errors() -> None:
+    """Before: RecursionError and UnicodeEncodeError escaped, not PayloadNotSerializable."""
+    deep: object = 1
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(PayloadNotSerializable, match="nested too deeply"):
+        JsonSerializer().dumps(deep)
+    with pytest.raises(PayloadNotSerializable, match="lone surrogate"):
+        JsonSerializer().dumps({"s": "\udfff"})
+    assert JsonSerializer().dumps({"s": "a\x00"}) == b'{"s":"a\\u0000"}'
