@@ -79,7 +79,17 @@ REASON_FAILED = "handler-failed"
 REASON_MALFORMED = "malformed"
 #: The headers a dead-lettered record gets on top of its own.
 DLQ_HEADERS = ("outbox_error", "outbox_original_topic", "outbox_original_partition",
-               "outbox_original_offset", "outbox_reason")
+               "outbox_original_offset", "outbox_reason", "outbox_truncated",
+               "outbox_original_size")
+#: The dead-letter producer's request limit, far above Kafka's default message size
+#: (1 MiB): a copy is the record plus the headers above, so it must be allowed to be
+#: larger than any record its topic accepted. The dead-letter topic's own limit decides;
+#: a copy the broker refuses is sent truncated (`truncated_dead_letter`).
+DLQ_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+#: What a truncated copy keeps: the key up to this size, original headers up to these.
+TRUNCATED_KEY_BYTES = 1024
+TRUNCATED_HEADER_BYTES = 1024
+TRUNCATED_HEADERS_TOTAL = 16 * 1024
 RETRY_BACKOFF_MAX = 10.0
 OUTAGE_BACKOFF_MAX = 5.0
 _OPTIONS = ("id_header", "max_attempts", "retry_backoff", "dlq_suffix", "external",
@@ -345,6 +355,15 @@ class _DeadLetterFailed(Exception):
     pass
 
 
+class _CopyTooLarge(_DeadLetterFailed):
+    """The client or the broker refused a dead-letter copy for its size."""
+
+
+class _DeadLetterStuck(_DeadLetterFailed):
+    """Even the truncated copy was refused for its size: waiting will not help until the
+    dead-letter topic's limit is raised."""
+
+
 Records = Mapping[Any, Sequence[Any]]
 
 
@@ -436,6 +455,7 @@ class ConsumerRunner:
         self._next_lag = 0.0
         self._db_ok = True
         self._running: _Running | None = None
+        self._stuck: dict[Any, int] = {}  # partition -> offset it cannot dead-letter
 
     # -- control ----------------------------------------------------------------------
 
@@ -462,7 +482,8 @@ class ConsumerRunner:
         return self._kafka()
 
     def healthy(self) -> bool:
-        return self._kc is not None and self._db_ok
+        """Kafka and the database reachable, and no partition stuck on a dead letter."""
+        return self._kc is not None and self._db_ok and not self._stuck
 
     @property
     def held_partitions(self) -> dict[Any, int]:
@@ -558,6 +579,9 @@ class ConsumerRunner:
             # the database transaction committed; the offsets are not committed yet
             crash_point("consumer.after_commit")
         self._commit(out.commit)
+        for tp, next_offset in out.commit.items():  # moved on without the dead letter
+            if self._stuck.get(tp, next_offset) < next_offset:
+                del self._stuck[tp]
         s = self.stats
         s.batches += 1
         s.processed += out.processed
@@ -828,7 +852,18 @@ class ConsumerRunner:
         """Send to the dead-letter topic and wait for the ack, then record it as done."""
         topic = record.topic + self.consumer.dlq_suffix
         try:
-            self._send_dead_letter(topic, record, reason, error)
+            truncated = self._send_dead_letter(topic, record, reason, error)
+        except _DeadLetterStuck as exc:
+            # Loud, and red on /healthz: this needs an operator (a larger max.message.bytes
+            # on the dead-letter topic). The partition retries now and then.
+            out.holds[tp] = _Hold(record.offset, time.monotonic() + RETRY_BACKOFF_MAX)
+            self._stuck[tp] = record.offset
+            log.error("consumer %s: cannot dead-letter %s[%d] offset %d to %s, not even "
+                      "truncated (%s); the partition is stuck until %s accepts the copy "
+                      "(raise its max.message.bytes), and the health check is red",
+                      self.group_id, record.topic, record.partition, record.offset, topic,
+                      exc, topic)
+            return False
         except _DeadLetterFailed as exc:
             delay = jitter(min(RETRY_BACKOFF_MAX, max(self.consumer.retry_backoff, 1.0)))
             out.holds[tp] = _Hold(record.offset, time.monotonic() + delay)
@@ -839,23 +874,57 @@ class ConsumerRunner:
         if mark is not None:
             mark()
         self._attempts.pop((tp, record.offset), None)
+        if self._stuck.pop(tp, None) is not None:
+            log.info("consumer %s: %s[%d] is no longer stuck", self.group_id, record.topic,
+                     record.partition)
         out.dead.append(reason)
-        log.error("consumer %s: %s[%d] offset %d dead-lettered to %s (%s): %s", self.group_id,
-                  record.topic, record.partition, record.offset, topic, reason, error)
+        log.error("consumer %s: %s[%d] offset %d dead-lettered to %s (%s%s): %s",
+                  self.group_id, record.topic, record.partition, record.offset, topic, reason,
+                  f"; too large, {truncated} truncated" if truncated else "", error)
         return True
 
-    def _send_dead_letter(self, topic: str, record: Any, reason: str, error: str) -> None:
+    def _send_dead_letter(self, topic: str, record: Any, reason: str, error: str) -> str:
+        """Send the copy and wait for the ack; if it is refused for its size, send a
+        truncated copy. Returns what was truncated ("" for a whole copy)."""
         headers = dead_letter_headers(record.headers or (), topic=record.topic,
                                       partition=record.partition, offset=record.offset,
                                       reason=reason, error=error)
         try:
-            producer = self._dlq_producer()
-            future = producer.send(topic, key=record.key, value=record.value, headers=headers)
-            future.get(timeout=self.dlq_timeout)
-        except _DeadLetterFailed:
-            raise
+            self._send_copy(topic, record.key, record.value, headers)
+            return ""
+        except _CopyTooLarge as exc:
+            refused = exc
+        key, value, small = truncated_dead_letter(record.key, record.value, headers)
+        log.warning("consumer %s: the dead-letter copy of %s[%d] offset %d is too large for %s "
+                    "(%s); sending it truncated", self.group_id, record.topic,
+                    record.partition, record.offset, topic, refused)
+        try:
+            self._send_copy(topic, key, value, small)
+        except _CopyTooLarge as exc:
+            raise _DeadLetterStuck(f"whole: {refused}; truncated: {exc}") from exc
+        return dict(small)["outbox_truncated"].decode()
+
+    def _send_copy(self, topic: str, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes]]) -> None:
+        from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+
+        too_large = (MessageSizeTooLargeError, RecordListTooLargeError)
+        producer = self._dlq_producer()
+        try:
+            future = producer.send(topic, key=key, value=value, headers=headers)
+        except too_large as exc:  # refused by the client, nothing was sent
+            raise _CopyTooLarge(first_line(exc)) from exc
         except Exception as exc:
             self._close_dlq()
+            raise _DeadLetterFailed(first_line(exc)) from exc
+        try:
+            future.get(timeout=self.dlq_timeout)
+        except Exception as exc:
+            # a fresh producer (and producer id) after any failed batch, refused for its
+            # size or not, so no sequence number state of the failed one is carried on
+            self._close_dlq()
+            if isinstance(exc, too_large):
+                raise _CopyTooLarge(first_line(exc)) from exc
             raise _DeadLetterFailed(first_line(exc)) from exc
 
     # -- Kafka ------------------------------------------------------------------------
@@ -897,7 +966,8 @@ class ConsumerRunner:
                     bootstrap_servers=self.kafka.split(","), client_id=f"{self.client_id}-dlq",
                     enable_idempotence=True, acks="all", linger_ms=0,
                     max_in_flight_requests_per_connection=5, bootstrap_timeout_ms=5000,
-                    max_block_ms=int(self.dlq_timeout * 1000))
+                    max_block_ms=int(self.dlq_timeout * 1000),
+                    max_request_size=DLQ_MAX_REQUEST_BYTES)
             except Exception as exc:
                 raise _DeadLetterFailed(first_line(exc)) from exc
             if not producer.config.get("enable_idempotence"):
@@ -945,6 +1015,7 @@ class ConsumerRunner:
                 self._resume(tp)
             for key in [k for k in self._attempts if k[0] == tp]:
                 del self._attempts[key]
+            self._stuck.pop(tp, None)  # the next owner reports it if it is stuck there too
             self.metrics.forget(tp.topic, tp.partition)
 
     def _resume_due(self) -> None:
@@ -1077,6 +1148,38 @@ def dead_letter_headers(headers: Iterable[tuple[str, bytes | None]], *, topic: s
     return out
 
 
+def truncated_dead_letter(key: bytes | None, value: bytes | None,
+                          headers: list[tuple[str, bytes]]
+                          ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """A dead-letter copy small enough for any sane topic, from the whole one
+    (`dead_letter_headers` applied): no value, the key and the original headers cut to
+    a few KiB, the outbox_* headers (the original's coordinates, the error) kept, plus
+    `outbox_truncated` (what was cut: value, key, headers) and `outbox_original_size`
+    (key + value + original headers, in bytes)."""
+    own = [(k, v) for k, v in headers if k in DLQ_HEADERS]
+    original = [(k, v) for k, v in headers if k not in DLQ_HEADERS]
+    size = len(key or b"") + len(value or b"") + sum(len(k.encode()) + len(v)
+                                                    for k, v in original)
+    cut = ["value"]
+    if key is not None and len(key) > TRUNCATED_KEY_BYTES:
+        key = key[:TRUNCATED_KEY_BYTES]
+        cut.append("key")
+    kept: list[tuple[str, bytes]] = []
+    total = 0
+    for k, v in original:
+        n = len(k.encode()) + len(v)
+        if n > TRUNCATED_HEADER_BYTES or total + n > TRUNCATED_HEADERS_TOTAL:
+            continue
+        kept.append((k, v))
+        total += n
+    if len(kept) < len(original):
+        cut.append("headers")
+    own = [(k, v) for k, v in own if k not in ("outbox_truncated", "outbox_original_size")]
+    own += [("outbox_truncated", ",".join(cut).encode()),
+            ("outbox_original_size", str(size).encode())]
+    return key, b"", kept + own
+
+
 def _disconnect(exc: BaseException) -> bool:
     """An error that means the database connection is gone (not a bad statement)."""
     lost = (psycopg.OperationalError, psycopg.InterfaceError)
@@ -1106,4 +1209,5 @@ __all__ = [
     "dead_letter_headers",
     "idempotent_consumer",
     "load_consumer",
+    "truncated_dead_letter",
 ]

@@ -20,6 +20,7 @@ from outbox.consumer import (
     consumer,
     dead_letter_headers,
     load_consumer,
+    truncated_dead_letter,
 )
 from outbox.metrics import ConsumerMetrics
 
@@ -215,6 +216,31 @@ def test_dead_letter_headers_keep_the_original_and_replace_earlier_outbox_ones()
     assert extra["outbox_reason"] == b"handler-failed"
     assert extra["outbox_error"].startswith(b"ValueError: x") and len(extra["outbox_error"]) == 4000
     assert [k for k, _ in got].count("outbox_reason") == 1
+
+
+def test_a_truncated_dead_letter_copy_is_small_and_keeps_the_origin() -> None:
+    whole = dead_letter_headers(
+        [("ce_id", b"id-1"), ("trace", b"t" * 5000), ("tenant", b"eu"),
+         ("outbox_truncated", b"stale")],
+        topic="orders", partition=2, offset=41, reason="handler-failed",
+        error="ValueError: " + "x" * 5000)
+    key, value, headers = truncated_dead_letter(b"k" * 3000, b"v" * 2_000_000, whole)
+    got = dict(headers)
+    assert value == b"" and key == b"k" * 1024
+    assert got["outbox_truncated"] == b"value,key,headers"
+    # key + value + the original headers kept by dead_letter_headers
+    assert int(got["outbox_original_size"]) == 3000 + 2_000_000 + 5 + 4 + 5 + 5000 + 6 + 2
+    assert (got["outbox_original_topic"], got["outbox_original_partition"],
+            got["outbox_original_offset"], got["outbox_reason"]) == (
+        b"orders", b"2", b"41", b"handler-failed")
+    assert got["ce_id"] == b"id-1" and got["tenant"] == b"eu" and "trace" not in got
+    assert [k for k, _ in headers].count("outbox_truncated") == 1
+    size = len(key) + len(value) + sum(len(k) + len(v) for k, v in headers)
+    assert size < 8 * 1024, size  # whatever the original's size
+
+    # small key and headers: only the value goes
+    key, value, headers = truncated_dead_letter(None, b"v" * 10, whole[:1] + whole[2:])
+    assert key is None and value == b"" and dict(headers)["outbox_truncated"] == b"value"
 
 
 def test_consumer_metrics_count_and_track_lag_per_partition() -> None:
