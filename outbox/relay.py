@@ -27,6 +27,8 @@ from outbox import _unsafe, shardcount
 from outbox._faults import crash_point
 from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
+from outbox.diagnose import permanent_reason
+from outbox.errors import ConfigError
 from outbox.event import kafka_headers
 from outbox.metrics import RelayMetrics
 from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
@@ -125,11 +127,13 @@ class Relay:
                     backoff = self.config.retry_base
                 except psycopg.Error as exc:
                     self._drop_connection()
+                    _raise_if_permanent(exc)
                     self._throttle.warn("db", f"relay {self.relay_id}: database unavailable "
                                         f"({first_line(exc)}); retrying with backoff")
                     self._stop.wait(jitter(backoff))
                     backoff = min(backoff * 2, 5.0)
                 except _PublisherUnavailable as exc:
+                    _raise_if_permanent(exc)
                     self._throttle.warn("kafka", f"relay {self.relay_id}: Kafka unavailable "
                                         f"({exc}); retrying with backoff")
                     self._stop.wait(jitter(backoff))
@@ -456,6 +460,13 @@ class Relay:
 
 class _PublisherUnavailable(Exception):
     pass
+
+
+def _raise_if_permanent(exc: BaseException) -> None:
+    """Waiting heals an outage, not a misconfiguration: stop, and say what is wrong."""
+    reason = permanent_reason(exc)
+    if reason is not None:
+        raise ConfigError(reason) from exc
 
 
 def _headers(row: Row) -> list[tuple[str, bytes]]:
