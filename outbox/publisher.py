@@ -6,9 +6,10 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from outbox.errors import ConfigError
 from outbox.event import KafkaHeaders
 
 # Errors after which a record will never be accepted: dead-letter at once, don't retry.
@@ -36,7 +37,9 @@ class NotSent(Exception):
 
 
 def is_permanent(error: BaseException) -> bool:
-    return type(error).__name__ in PERMANENT_ERRORS
+    """The record will never be accepted: dead-letter it (once it is known to be the one)."""
+    flag = getattr(error, "permanent", None)
+    return bool(flag) if flag is not None else type(error).__name__ in PERMANENT_ERRORS
 
 
 def is_attempt(error: BaseException) -> bool:
@@ -47,7 +50,10 @@ def is_attempt(error: BaseException) -> bool:
 def breaks_producer(error: BaseException) -> bool:
     """Whether the producer must be replaced after this error. Our own refusals
     (no metadata, full buffer) never reached Kafka, so they leave it intact."""
-    return not isinstance(error, TopicUnavailable | NotSent)
+    if isinstance(error, TopicUnavailable | NotSent):
+        return False
+    fatal = getattr(error, "fatal", None)  # librdkafka says so; kafka-python does not
+    return bool(fatal) if fatal is not None else True
 
 
 class Delivery(Protocol):
@@ -130,7 +136,12 @@ class KafkaPublisher:
     TOPIC_QUARANTINE = 2.0
 
     def __init__(self, settings: KafkaSettings) -> None:
-        self.settings = settings
+        extra = dict(settings.extra)
+        if extra.pop("enable_idempotence", True) is not True:
+            raise ConfigError("the outbox's producer needs enable_idempotence=true")
+        if str(extra.pop("acks", "all")).lower() not in ("all", "-1"):
+            raise ConfigError("the outbox's producer needs acks=all")
+        self.settings = replace(settings, extra=extra)
         self._unavailable: dict[str, tuple[float, TopicUnavailable]] = {}
         self._producer = self._make_producer()
 
@@ -162,8 +173,7 @@ class KafkaPublisher:
         """Replace the producer: after a fatal error kafka-python fails every later send,
         and a producer stuck without a producer id never sends again. The old one is
         closed first, dropping what it still holds (the relay sends those again)."""
-        with contextlib.suppress(Exception):
-            self._producer.close(timeout=0)
+        close_producer(self._producer, timeout=0)
         self._producer = self._make_producer()  # may raise: Kafka down, the relay backs off
 
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
@@ -193,7 +203,28 @@ class KafkaPublisher:
             self._producer.flush(timeout=timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        self._producer.close(timeout=timeout)
+        close_producer(self._producer, timeout=timeout)
+
+
+def close_producer(producer: Any, timeout: float) -> None:
+    """Close a kafka-python producer for good, even while Kafka does not answer.
+
+    Its close() flushes first and raises if records are still unacknowledged: the
+    producer then stays open, its I/O thread keeps sending, and its __del__ prints a
+    traceback at exit. Force-close it instead: what it still holds fails (the relay
+    sends those events again).
+    """
+    try:
+        producer.close(timeout=timeout)
+        return
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):
+        producer._sender.force_close()  # the I/O thread aborts the pending batches and exits
+        producer._sender.join(1.0)
+        producer._accumulator.abort_incomplete_batches()
+    with contextlib.suppress(Exception):
+        producer.close(timeout=0)  # nothing left to flush: marks the producer closed
 
 
 @dataclass
@@ -251,3 +282,43 @@ class _Delivered:
 
 
 _DELIVERED = _Delivered()
+
+
+CLIENTS = ("kafka-python", "confluent")
+
+
+def make_publisher(client: str, settings: KafkaSettings) -> Publisher:
+    """The relay's publisher for `client`: "kafka-python" (the default) or "confluent"
+    (librdkafka, the `[confluent]` extra: about 17x the raw throughput on one core)."""
+    if client == "kafka-python":
+        return KafkaPublisher(settings)
+    if client == "confluent":
+        from outbox.confluent import ConfluentPublisher
+
+        return ConfluentPublisher(settings)
+    raise ValueError(f"unknown Kafka client {client!r}; choose one of {', '.join(CLIENTS)}")
+
+
+def parse_options(pairs: list[str] | tuple[str, ...], client: str) -> dict[str, Any]:
+    """`key=value` client settings (`--kafka-option`), in the client's own spelling:
+    librdkafka's dotted names for confluent (`sasl.mechanism=PLAIN`), kafka-python's
+    keyword names for kafka-python (`sasl_mechanism=PLAIN`; dots are accepted and turned
+    into underscores). Values stay strings for librdkafka; for kafka-python, integers and
+    true/false become numbers and booleans."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"Kafka option {pair!r} is not key=value")
+        if client == "confluent":
+            out[key] = value
+            continue
+        typed: Any = value
+        if value.lower() in ("true", "false"):
+            typed = value.lower() == "true"
+        else:
+            with contextlib.suppress(ValueError):
+                typed = int(value)
+        out[key.replace(".", "_")] = typed
+    return out

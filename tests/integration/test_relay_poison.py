@@ -12,12 +12,13 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 
+import pytest
 import sqlalchemy as sa
 from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy.orm import Session
 
 from outbox import Outbox
-from outbox.publisher import KafkaPublisher, KafkaSettings
+from outbox.publisher import CLIENTS, KafkaSettings, make_publisher
 from outbox.relay import Relay, RelayConfig
 from outbox.schema import tables
 from outbox.writer import shard_of
@@ -42,8 +43,10 @@ def _dead(engine: sa.Engine) -> list[sa.Row[tuple[uuid.UUID, int, str]]]:
                                         tables.dead_letters.c.error)))
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 def test_a_topic_kafka_has_no_metadata_for_holds_only_its_own_shard(
-    engine: sa.Engine, db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str]
+    engine: sa.Engine, db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str],
+    client: str,
 ) -> None:
     good = new_topic()
     tag = uuid.uuid4().hex[:8]
@@ -62,7 +65,7 @@ def test_a_topic_kafka_has_no_metadata_for_holds_only_its_own_shard(
             box.publish(s, topic=good, key=key, type="Other", payload={"i": i})
 
     config = RelayConfig(db_url=db_url, max_attempts=3, retry_base=0.05, retry_max=0.2)
-    publisher = KafkaPublisher(KafkaSettings(kafka_bootstrap, max_block_ms=1000))
+    publisher = make_publisher(client, KafkaSettings(kafka_bootstrap, max_block_ms=1000))
     relay = Relay(config, lambda: publisher)
     others_done_at = dead_at = None
     deadline = time.monotonic() + 60
@@ -88,12 +91,18 @@ def test_a_topic_kafka_has_no_metadata_for_holds_only_its_own_shard(
     assert attempts == config.max_attempts - 1  # the failed attempts before the last
     assert _rows(engine) == []  # and its shard moved on
     got = read_topic(kafka_bootstrap, good, 62)
-    assert [h["ce_id"].decode() for k, h, _ in got if k == bad_key] == [str(e.id) for e in after]
-    assert len(got) == 62
+    missing = 62 - len({h["ce_id"] for _, h, _ in got})
+    if missing:  # copies (at least once) took the places of records not read yet
+        got = read_topic(kafka_bootstrap, good, len(got) + missing)
+    firsts = list(dict.fromkeys(h["ce_id"].decode() for k, h, _ in got if k == bad_key))
+    assert firsts == [str(e.id) for e in after]  # after the dead letter, in order
+    assert len({h["ce_id"] for _, h, _ in got}) == 62
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 def test_an_oversized_event_dead_letters_only_itself_across_shards(
-    engine: sa.Engine, db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str]
+    engine: sa.Engine, db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str],
+    client: str,
 ) -> None:
     topic = new_topic(partitions=6)
     box = Outbox(max_event_bytes=4 * 1024 * 1024)
@@ -107,7 +116,7 @@ def test_an_oversized_event_dead_letters_only_itself_across_shards(
             if round_ == 1:  # in the middle of the batch, beside every other shard's events
                 big = box.publish(s, topic=topic, key="huge", type="Huge",
                                   payload="x" * (2 * 1024 * 1024))
-    publisher = KafkaPublisher(KafkaSettings(kafka_bootstrap))
+    publisher = make_publisher(client, KafkaSettings(kafka_bootstrap))
     relay = Relay(RelayConfig(db_url=db_url), lambda: publisher)
     deadline = time.monotonic() + 60
     try:

@@ -1,0 +1,172 @@
+"""The fast lane: a `Publisher` on confluent-kafka (librdkafka), the `[confluent]` extra.
+
+Same contract as `KafkaPublisher`: idempotence and acks=all set and checked, per-partition
+order under retries (librdkafka's idempotent producer keeps it with up to 5 requests in
+flight), one `Delivery` per record, errors classified permanent or retriable the same
+way. librdkafka runs its network I/O in C threads, off the GIL, which is where the
+throughput comes from; delivery reports are served on the relay's thread by `flush`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from outbox.errors import ConfigError
+from outbox.event import KafkaHeaders
+from outbox.publisher import Delivery, KafkaSettings, NotSent, TopicUnavailable
+
+try:
+    from confluent_kafka import KafkaError, KafkaException, Producer
+except ImportError as exc:  # pragma: no cover - exercised by the CLI's error test
+    raise ImportError(
+        "the confluent-kafka client is an optional extra: "
+        "pip install 'transactional-outbox[confluent]'") from exc
+
+# librdkafka error codes after which the record will never be accepted.
+_PERMANENT = {
+    KafkaError.MSG_SIZE_TOO_LARGE: "MessageSizeTooLargeError",
+    KafkaError.INVALID_MSG_SIZE: "MessageSizeTooLargeError",
+    KafkaError.RECORD_LIST_TOO_LARGE: "RecordListTooLargeError",
+    KafkaError.TOPIC_EXCEPTION: "InvalidTopicError",
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "TopicAuthorizationFailedError",
+    KafkaError.INVALID_RECORD: "InvalidRecordError",
+    KafkaError.INVALID_MSG: "CorruptRecordError",
+    KafkaError._INVALID_ARG: "InvalidRecordError",
+}
+_NO_TOPIC = {KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+class DeliveryFailed(Exception):
+    """A librdkafka delivery error; `permanent` says the record will never be accepted,
+    `fatal` that the producer is unusable and must be replaced."""
+
+    def __init__(self, error: Any, name: str | None = None) -> None:
+        super().__init__(f"{error.name()}: {error.str()}")
+        self.code = error.code()
+        self.permanent = name is not None
+        self.fatal = bool(error.fatal())
+        self.kind = name or error.name()
+
+
+def classify(error: Any) -> BaseException:
+    """Map a librdkafka KafkaError onto the outbox's error classes."""
+    code = error.code()
+    if code in _NO_TOPIC:
+        return TopicUnavailable(f"{error.name()}: {error.str()}")
+    return DeliveryFailed(error, _PERMANENT.get(code))
+
+
+class _Delivery:
+    """Filled in by librdkafka's delivery report; the object is the callback itself, so
+    a send allocates one small object and no closure."""
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._error: BaseException | None = None
+
+    def __call__(self, error: Any, message: Any) -> None:
+        if error is not None:
+            self._error = classify(error)
+        self._done = True
+
+    def done(self) -> bool:
+        return self._done
+
+    def error(self) -> BaseException | None:
+        return self._error
+
+
+class _Failed:
+    __slots__ = ("_error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> BaseException | None:
+        return self._error
+
+
+def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+    """librdkafka settings from the relay's; `extra` (from --kafka-option) passes through,
+    but may not turn idempotence or acks=all off."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        "linger.ms": settings.linger_ms,
+        "batch.size": settings.batch_size,
+        "message.max.bytes": settings.max_request_size,
+        "request.timeout.ms": settings.request_timeout_ms,
+        "delivery.timeout.ms": settings.delivery_timeout_ms,
+        "max.in.flight.requests.per.connection": 5,
+        "compression.type": settings.compression_type or "none",
+        "topic.metadata.propagation.max.ms": settings.max_block_ms,
+        "queue.buffering.max.kbytes": 256 * 1024,
+    }
+    for key, value in settings.extra.items():
+        config[key] = value
+    if str(config.get("enable.idempotence", "true")).lower() not in ("true", "1"):
+        raise ConfigError("the outbox's producer needs enable.idempotence=true")
+    if str(config.get("acks", "all")).lower() not in ("all", "-1"):
+        raise ConfigError("the outbox's producer needs acks=all")
+    config["enable.idempotence"] = True
+    config["acks"] = "all"
+    return config
+
+
+class ConfluentPublisher:
+    """confluent-kafka's `Producer` with `enable.idempotence=true` and `acks=all`."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.config = producer_config(settings)
+        self._producer = self._make_producer()
+
+    def _make_producer(self) -> Any:
+        try:
+            producer = Producer(self.config)
+        except KafkaException as exc:
+            raise ConfigError(f"confluent-kafka refused the producer settings: {exc}") from exc
+        return producer
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
+        delivery = _Delivery()
+        try:
+            self._producer.produce(topic, value, key, on_delivery=delivery, headers=headers)
+        except BufferError:
+            # The local queue is full: serve delivery reports for a moment, then retry once.
+            self._producer.poll(0.1)
+            try:
+                self._producer.produce(topic, value, key, on_delivery=delivery,
+                                       headers=headers)
+            except BufferError as exc:
+                return _Failed(NotSent(f"the producer's queue is full: {exc}"))
+            except KafkaException as exc:
+                return _Failed(classify(exc.args[0]))
+        except KafkaException as exc:
+            return _Failed(classify(exc.args[0]))
+        return delivery
+
+    def flush(self, timeout: float) -> None:
+        self._producer.flush(timeout)
+
+    def recover(self) -> None:
+        """Replace the producer (after a fatal error librdkafka refuses every later send).
+        What the old one still holds is purged: the relay sends those events again."""
+        self._drop()
+        self._producer = self._make_producer()
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._producer.flush(max(0.0, timeout)):
+            self._drop()  # unacknowledged: they stay in the outbox, sent by the next relay
+
+    def _drop(self) -> None:
+        try:
+            self._producer.purge(True, True, False)
+            self._producer.flush(0)
+        except Exception:  # a broken producer is being thrown away anyway
+            pass
