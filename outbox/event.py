@@ -127,6 +127,8 @@ def validate_key(key: object) -> str:
 def is_reserved_header(name: str) -> bool:
     """`ce_*` and `content-type`, in any case: the outbox sets those, and a consumer that
     compares names without case must not see a user's copy shadow them."""
+    if name[0] not in "cC":  # most names: one comparison
+        return False
     return name[:3].lower() == "ce_" or (len(name) == 12 and name.lower() == "content-type")
 
 
@@ -135,7 +137,7 @@ def check_headers(headers: Headers | None) -> tuple[dict[str, HeaderValue], int]
     bytes their names and values take in the Kafka record (with varint lengths)."""
     if headers is None:
         return {}, 0
-    if not isinstance(headers, Mapping):
+    if type(headers) is not dict and not isinstance(headers, Mapping):
         raise InvalidHeader(f"headers must be a mapping, got {type(headers).__name__}")
     out: dict[str, HeaderValue] = {}
     size = 0
@@ -149,14 +151,16 @@ def check_headers(headers: Headers | None) -> tuple[dict[str, HeaderValue], int]
             )
         if isinstance(value, bytes):
             value_len = len(value)
-        elif isinstance(value, str):
-            value_len = text_size(value, f"header {name!r}", InvalidHeader, nul_ok=True)
+        elif isinstance(value, str):  # (ASCII: no surrogate, and a NUL is fine here)
+            value_len = len(value) if value.isascii() else text_size(
+                value, f"header {name!r}", InvalidHeader, nul_ok=True)
         else:
             raise InvalidHeader(
                 f"header {name!r} has a value of type {type(value).__name__}; "
                 "header values must be str or bytes"
             )
-        name_len = text_size(name, f"header name {name!r}", InvalidHeader, nul_ok=True)
+        name_len = len(name) if name.isascii() else text_size(
+            name, f"header name {name!r}", InvalidHeader, nul_ok=True)
         size += varint_size(name_len) + name_len + varint_size(value_len) + value_len
         out[name] = value
     return out, size
@@ -196,6 +200,8 @@ _LONGEST_TIME = datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
 
 def varint_size(n: int) -> int:
     """Bytes of Kafka's zigzag varint for a length n >= 0 (or -1, a null)."""
+    if -64 <= n < 64:  # the common short lengths, without the loop
+        return 1
     z = (n << 1) ^ (n >> 63)
     size = 1
     while z > 0x7F:
