@@ -66,6 +66,7 @@ from outbox import _unsafe
 from outbox._faults import crash_point
 from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import mask, sqlalchemy_url
+from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError, InvalidTopic, MalformedRecord, OutboxError
 from outbox.event import ID_HEADER, Event, from_record, validate_topic
 from outbox.metrics import ConsumerMetrics
@@ -563,6 +564,7 @@ class ConsumerRunner:
             self._db_ok = False
             for tp, recs in parts:
                 self._seek(tp, recs[0][0].offset)
+            self._permanent(exc)
             raise _Unavailable("db", f"database unavailable ({exc}); the batch is retried")\
                 from exc
         if not self._db_ok:
@@ -796,6 +798,15 @@ class ConsumerRunner:
         if info.get(_MISUSE):
             raise self._misuse(info.pop(_MISUSE), running)
 
+    def _permanent(self, exc: BaseException) -> None:
+        """Raise ConfigError when `exc` cannot heal by waiting (missing tables, failed
+        authentication, a missing database...): an outage is retried, a misconfiguration
+        stops the consumer with the reason (`outbox consume` exits non-zero)."""
+        reason = permanent_reason(exc)
+        if reason:
+            raise ConfigError(f"consumer {self.group_id} cannot run on {self._where}: "
+                              f"{reason}") from exc
+
     def _ran(self, running: _Running) -> None:
         pass
 
@@ -948,11 +959,18 @@ class ConsumerRunner:
         if self.session_timeout_ms is not None:
             config["session_timeout_ms"] = self.session_timeout_ms
             config.setdefault("heartbeat_interval_ms", max(500, self.session_timeout_ms // 4))
+        kc = None
         try:
             kc = KafkaConsumer(**config)
             kc.subscribe(topics=list(self.consumer.topics), listener=_listener(self))
-        except KafkaError as exc:
-            raise _Unavailable("kafka", f"Kafka unavailable ({first_line(exc)})") from exc
+        except Exception as exc:
+            if kc is not None:  # not left to __del__ at interpreter exit
+                with contextlib.suppress(Exception):
+                    kc.close(autocommit=False, timeout_ms=1000)
+            self._permanent(exc)
+            if isinstance(exc, KafkaError):
+                raise _Unavailable("kafka", f"Kafka unavailable ({first_line(exc)})") from exc
+            raise
         self._throttle.recovered("kafka", f"consumer {self.group_id}: Kafka reachable again")
         self._kc = kc
         return kc
@@ -1065,6 +1083,7 @@ class ConsumerRunner:
                 if n < self.purge_batch:
                     break
         except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
+            self._permanent(exc)
             self._throttle.warn("purge", f"consumer {self.group_id}: inbox purge failed "
                                 f"({first_line(exc)})")
         if total:
