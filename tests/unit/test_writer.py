@@ -125,6 +125,7 @@ def test_rolled_back_savepoint_drops_only_its_events(engine: sa.Engine) -> None:
     ({"payload": object()}, PayloadNotSerializable, "cannot be encoded as JSON"),
     ({"payload": "x" * 2000}, PayloadTooLarge, "over the limit of 1000 bytes"),
     ({"topic": "bad topic"}, InvalidTopic, "invalid Kafka topic name 'bad topic'"),
+    ({"topic": "orders\n"}, InvalidTopic, "invalid Kafka topic name 'orders\\\\n'"),
     ({"key": 42}, InvalidKey, "event key must be a str, got int"),
     ({"headers": {"h": 1.5}}, InvalidHeader, "header values must be str or bytes"),
 ])
