@@ -47,6 +47,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -93,6 +94,9 @@ TRUNCATED_HEADER_BYTES = 1024
 TRUNCATED_HEADERS_TOTAL = 16 * 1024
 RETRY_BACKOFF_MAX = 10.0
 OUTAGE_BACKOFF_MAX = 5.0
+#: Exit status of a process that did not stop within the shutdown grace after SIGTERM
+#: (a hung handler): it ends without committing the batch in hand.
+EXIT_NOT_STOPPED = 1
 _OPTIONS = ("id_header", "max_attempts", "retry_backoff", "dlq_suffix", "external",
             "inbox_retention")
 
@@ -397,6 +401,8 @@ class ConsumerRunner:
         dlq_timeout: float = 30.0,
         commit_timeout: float = 10.0,
         idle_tx_timeout: float | None = 60.0,
+        shutdown_grace: float = 10.0,
+        hang_report_interval: float = 10.0,
     ) -> None:
         if isinstance(consumer, type):
             consumer = consumer()
@@ -407,6 +413,11 @@ class ConsumerRunner:
         consumer.validate(self.group_id)
         if max_poll_records < 1:
             raise ConfigError("max_poll_records must be >= 1")
+        if not shutdown_grace > 0 or not hang_report_interval > 0:
+            raise ConfigError("shutdown_grace and hang_report_interval must be > 0 seconds")
+        self.shutdown_grace = shutdown_grace
+        self.hang_report_interval = hang_report_interval
+        self.idle_tx_timeout = idle_tx_timeout
         self.kafka = kafka
         self.max_poll_records = max_poll_records
         self.poll_timeout = poll_timeout
@@ -455,7 +466,9 @@ class ConsumerRunner:
         self._next_purge = 0.0
         self._next_lag = 0.0
         self._db_ok = True
-        self._running: _Running | None = None
+        self._running: _Running | None = None  # the handler call in progress
+        self._slow: tuple[_Running, float] | None = None  # a handler past idle_tx_timeout
+        self._signalled_at: float | None = None
         self._stuck: dict[Any, int] = {}  # partition -> offset it cannot dead-letter
 
     # -- control ----------------------------------------------------------------------
@@ -469,9 +482,16 @@ class ConsumerRunner:
         return self._stop.is_set()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the runner; one that has not stopped `shutdown_grace`
+        seconds later (a handler that hangs) ends the process, see `run()`."""
         def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("consumer %s: signal %d, committing what is done and stopping",
-                     self.group_id, signum)
+            if self._signalled_at is None:
+                self._signalled_at = time.monotonic()
+            running = self._running
+            log.info("consumer %s: signal %d, committing what is done and stopping%s",
+                     self.group_id, signum,
+                     f" (waiting up to {self.shutdown_grace:g} s for the handler for "
+                     f"{running})" if running is not None else "")
             self.stop()
 
         signal.signal(signal.SIGTERM, handler)
@@ -497,6 +517,9 @@ class ConsumerRunner:
         log.info("consumer %s (%s) starting on %s, topics %s", self.group_id,
                  type(self.consumer).__name__, self._where, list(self.consumer.topics))
         backoff = 0.5
+        watching = threading.Event()
+        threading.Thread(target=self._watch, args=(watching,), daemon=True,
+                         name=f"outbox-consumer-watchdog-{self.group_id}").start()
         try:
             while not self._stop.is_set():
                 try:
@@ -508,11 +531,57 @@ class ConsumerRunner:
                     self._stop.wait(jitter(backoff))
                     backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
         finally:
-            self.close()
+            try:
+                self.close()
+            finally:
+                watching.set()
             s = self.stats
             log.info("consumer %s stopped: %d processed, %d duplicates skipped, %d failed "
                      "attempts, %d dead-lettered", self.group_id, s.processed, s.duplicates,
                      s.failed, s.dead_lettered)
+
+    def _watch(self, done: threading.Event) -> None:
+        """The watchdog thread of `run()`: says which handler has been running long, once
+        per `hang_report_interval`, and ends the process when a stop signal has not been
+        obeyed within `shutdown_grace` (a hung handler never returns to the loop)."""
+        last: _Running | None = None
+        next_report = self.hang_report_interval
+        tick = min(1.0, self.hang_report_interval / 4)
+        while True:
+            wait = tick
+            signalled = self._signalled_at
+            if signalled is not None:
+                wait = min(wait, max(0.01, signalled + self.shutdown_grace - time.monotonic()))
+            if done.wait(wait):
+                return
+            now = time.monotonic()
+            running = self._running
+            if running is not last:
+                last, next_report = running, self.hang_report_interval
+            if running is not None and now - running.started >= next_report:
+                log.warning("consumer %s: handler for %s has been running %.0f s; its "
+                            "partition and the batch's transaction wait for it",
+                            self.group_id, running, now - running.started)
+                next_report += self.hang_report_interval
+            if signalled is not None and now - signalled >= self.shutdown_grace:
+                self._exit_not_stopped(running, now - signalled)
+
+    def _exit_not_stopped(self, running: _Running | None, waited: float) -> None:
+        """End the process now, as abruptly as SIGKILL: the open transaction dies with the
+        connection, so the batch in hand is not committed (it is redelivered, and the
+        dedupe records skip whatever an earlier commit applied)."""
+        if running is not None:
+            what = (f"the handler for {running} has been running "
+                    f"{time.monotonic() - running.started:.0f} s; exiting without "
+                    "committing its batch")
+        else:
+            what = "exiting; a batch not committed yet will be redelivered"
+        log.error("consumer %s: not stopped %.0f s after the stop signal (shutdown grace "
+                  "%g s): %s", self.group_id, waited, self.shutdown_grace, what)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(EXIT_NOT_STOPPED)
 
     def run_once(self, timeout: float | None = None) -> int:
         """Poll once and process the batch; returns the number of records finished."""
@@ -553,6 +622,7 @@ class ConsumerRunner:
                                                                      key=lambda r: r.offset)]))
         if not parts:
             return 0
+        self._slow = None
         try:
             out = self._process_external(parts) if self.consumer.external \
                 else self._process_batch(parts)
@@ -561,10 +631,18 @@ class ConsumerRunner:
                 self._seek(tp, recs[0][0].offset)
             raise
         except _BatchFailed as exc:
-            self._db_ok = False
             for tp, recs in parts:
                 self._seek(tp, recs[0][0].offset)
             self._permanent(exc)
+            if self._slow is not None:
+                running, took = self._slow
+                raise _Unavailable(
+                    "handler", f"the handler for {running} ran {took:.0f} s, longer than the "
+                    f"database's idle_in_transaction_session_timeout ({self.idle_tx_timeout:g}"
+                    " s), which ends a transaction left idle that long: most likely why the "
+                    f"batch's connection was lost ({exc}); the batch is retried (make the "
+                    "handler faster, or raise idle_tx_timeout)") from exc
+            self._db_ok = False
             raise _Unavailable("db", f"database unavailable ({exc}); the batch is retried")\
                 from exc
         if not self._db_ok:
@@ -808,7 +886,12 @@ class ConsumerRunner:
                               f"{reason}") from exc
 
     def _ran(self, running: _Running) -> None:
-        pass
+        """Note a handler call that outlasted idle_in_transaction_session_timeout: the
+        database ends such a transaction, and the batch's failure is then reported as
+        what it is, not as an outage."""
+        took = time.monotonic() - running.started
+        if self.idle_tx_timeout and took >= self.idle_tx_timeout:
+            self._slow = (running, took)
 
     def _misuse(self, what: str, running: _Running) -> HandlerMisuse:
         scope = "this event" if self.consumer.external else "the batch"
