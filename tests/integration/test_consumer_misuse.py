@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -31,6 +32,7 @@ from tests.integration.test_consumer import (
     produce_events,
     run_until,
     runners,  # noqa: F401  (fixture)
+    start_consumer,
 )
 
 Misuse = Callable[[Session], None]
@@ -144,3 +146,28 @@ def test_savepoints_and_flushes_of_the_handlers_own_are_not_misuse(
     run_until(runner, lambda: runner.stats.processed == 6, "6 events applied")
     assert set(counters(counter_table).values()) == {1}
     assert runner.stats.failed == 0
+
+
+def test_outbox_consume_stops_on_a_committing_handler_with_one_clear_line(
+    counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
+    new_topic: Callable[..., str], tmp_path: Path,
+) -> None:
+    topic = new_topic(1)
+    group = f"commits-{uuid.uuid4().hex[:6]}"
+    events = make_events(topic, 5, keys=1)
+    produce_events(kafka_bootstrap, topic, events)
+    log = tmp_path / "commits.log"
+    proc = start_consumer("tests.integration.misbehaving_app:Commits", db_url,
+                          kafka_bootstrap, topic, group, log)
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert rc == 1, out[-3000:]
+    assert f"Error: Commits.handle called session.commit() on event {events[0].id}" in out
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    assert counters(counter_table) == {} and inbox_ids(counter_table, group) == set()
+    assert committed_offsets(kafka_bootstrap, group) == {}
