@@ -311,3 +311,52 @@ def test_a_due_hold_resumes_its_partition_and_drops_the_stale_parked_records() -
     finally:
         runner._kc = None
         runner.close()
+
+
+# -- nothing left to kafka-python's __del__ at exit (fakes) ------------------------------
+
+def test_a_kafka_consumer_whose_subscribe_fails_is_closed(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import kafka
+    from kafka.errors import KafkaError
+
+    made: list[Any] = []
+
+    class Refusing:
+        def __init__(self, **config: Any) -> None:
+            self.closed = False
+            made.append(self)
+
+        def subscribe(self, **kw: Any) -> None:
+            raise KafkaError("metadata refused")
+
+        def close(self, **kw: Any) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Refusing)
+    runner = ConsumerRunner(projector, db_url=DB, kafka="k:1")
+    try:
+        with pytest.raises(Exception, match="Kafka unavailable"):
+            runner.run_once()
+        assert len(made) == 1 and made[0].closed and runner._kc is None
+    finally:
+        runner.close()
+
+
+def test_close_closes_the_dead_letter_producer_even_if_the_consumer_fails_to_close() -> None:
+    closed: list[str] = []
+
+    class Failing:
+        def close(self, **kw: Any) -> None:
+            closed.append("consumer")
+            raise RuntimeError("already broken")
+
+    class Producer:
+        def close(self, **kw: Any) -> None:
+            closed.append("producer")
+
+    runner = ConsumerRunner(projector, db_url=DB, kafka="k:1")
+    runner._kc, runner._dlq = Failing(), Producer()
+    runner.close()
+    assert closed == ["consumer", "producer"]
+    assert runner._kc is None and runner._dlq is None
