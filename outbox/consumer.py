@@ -38,7 +38,17 @@ A failing event is retried with backoff, holding back only its own partition (se
 pause, resume after the delay); after `max_attempts` it goes to `<topic><dlq_suffix>`
 with its error and origin in headers, is recorded as processed, and the partition moves
 on. Dedupe records older than `inbox_retention` are purged, so a redelivery older than
-that window is not deduplicated.
+that window is not deduplicated. A dead-letter copy the broker refuses for its size is
+sent truncated (`truncated_dead_letter`); if even that is refused, the partition waits
+and `healthy()` is False.
+
+What stops the runner instead of being retried: a handler that commits, rolls back or
+closes the session (HandlerMisuse, raised before anything of the batch is committed:
+it is a programming error, and dead-lettering every event it touches would be worse),
+and a database error that waiting cannot heal (ConfigError: missing tables, failed
+authentication; see outbox.diagnose). A watchdog thread logs a handler that runs long;
+after SIGTERM, a runner not stopped within `shutdown_grace` (a hung handler) ends the
+process without committing its batch.
 """
 
 from __future__ import annotations
@@ -377,6 +387,8 @@ class ConsumerRunner:
 
     `run()` loops until `stop()` (or SIGTERM/SIGINT after `install_signal_handlers()`);
     `run_once()` is one poll and its batch, and `process(batch)` one batch, for tests.
+    `hang_report_interval`: how often a handler still running is logged;
+    `shutdown_grace`: how long after a signal the process may take to stop.
     """
 
     def __init__(
