@@ -360,3 +360,14 @@ def test_close_closes_the_dead_letter_producer_even_if_the_consumer_fails_to_clo
     runner.close()
     assert closed == ["consumer", "producer"]
     assert runner._kc is None and runner._dlq is None
+
+
+def test_a_kafka_option_the_client_does_not_know_stops_the_runner_instead_of_retrying(
+) -> None:
+    runner = ConsumerRunner(projector, db_url=DB, kafka="127.0.0.1:1",
+                            kafka_config={"bogus_option": 1})
+    try:
+        with pytest.raises(ConfigError, match="bogus_option"):
+            runner.run_once()
+    finally:
+        runner.close()
