@@ -17,6 +17,7 @@ from outbox.cli import main
 from outbox.consumer import (
     ConsumerRunner,
     FunctionConsumer,
+    HandlerMisuse,
     _Hold,
     consumer,
     dead_letter_headers,
@@ -375,3 +376,29 @@ def test_a_kafka_option_the_client_does_not_know_stops_the_runner_instead_of_ret
             runner.run_once()
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("error", [
+    HandlerMisuse("Projector.handle called session.commit() on event e1 (t[0] offset 3)"),
+    ConfigError("consumer g cannot run: the outbox tables are missing (x)"),
+])
+def test_the_cli_ends_with_one_line_when_the_runner_stops_on_an_error(
+    error: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class StoppingRunner:
+        def __init__(self, handler: Any, **kw: Any) -> None:
+            pass
+
+        def install_signal_handlers(self) -> None:
+            pass
+
+        def run(self) -> None:
+            raise error
+
+    monkeypatch.setattr("outbox.consumer.ConsumerRunner", StoppingRunner)
+    monkeypatch.setattr("outbox.cli._preflight", lambda *a, **kw: None, raising=False)
+    result = CliRunner().invoke(main, ["consume", "tests.unit.test_consumer:on_order",
+                                       "--db", DB, "--kafka", "k:9"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {error}\n"
+    assert isinstance(result.exception, SystemExit)
