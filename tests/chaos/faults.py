@@ -188,11 +188,12 @@ class Faults:
 
     def __init__(self, *, relays: list[Proc], consumers: list[Proc], kafka_proxy: TcpProxy,
                  pg_proxy: TcpProxy, factory: sessionmaker[Session], topic: str,
-                 unsafe: str | None) -> None:
+                 unsafe: str | None, stop: threading.Event) -> None:
         self.relays, self.consumers = relays, consumers
         self.kafka_proxy, self.pg_proxy = kafka_proxy, pg_proxy
         self.proxies = [kafka_proxy, pg_proxy]
         self.factory, self.topic, self.unsafe = factory, topic, unsafe
+        self.stop = stop  # set when the run ends: waiting faults give up
         self.box = Outbox()
         self.kafka_up = threading.Event()
         self.pg_up = threading.Event()
@@ -274,7 +275,7 @@ class Faults:
         return self._in_flight(rng, stall=True)
 
     def window_order_race(self, rng: random.Random) -> tuple[bool, str]:
-        if not self.pg_up.wait(20):
+        if not self._up(self.pg_up):
             return False, "PostgreSQL down"
         self._races += 1
         key = f"race-{self._races}"
@@ -292,12 +293,15 @@ class Faults:
                   wait: float = 30.0) -> tuple[bool, str]:
         """Restart `p` armed to exit at crash point `point`, wait for that exit, restart
         it unarmed. A hit when it exited there (code 86)."""
-        if not (self.kafka_up.wait(30) and self.pg_up.wait(30)):
+        if not (self._up(self.kafka_up) and self._up(self.pg_up)):
             return False, "servers down"
         with p.lock:
             p.stop(timeout=5)
             p.start(env={"OUTBOX_FAULT_CRASH": f"{point}:1"}, args=args)
-            code = p.wait_exit(wait)
+            deadline = time.monotonic() + wait
+            code = p.wait_exit(1.0)
+            while code is None and time.monotonic() < deadline and not self.stop.is_set():
+                code = p.wait_exit(1.0)
             if code is None:
                 p.kill()
             p.start()
@@ -308,7 +312,7 @@ class Faults:
         kill it (or stop it), drop every held byte with the connections, and let the
         others go on. The killed relay is restarted; the stopped one resumes after its
         lease has expired."""
-        if not self.kafka_up.wait(30):
+        if not self._up(self.kafka_up):
             return False, "Kafka down"
         proxy = self.kafka_proxy
         proxy.hold()
@@ -340,6 +344,15 @@ class Faults:
         finally:
             if holding:
                 proxy.release()
+
+    def _up(self, server: threading.Event, timeout: float = 30.0) -> bool:
+        """Wait until `server` is up (another fault may have it down); False when the run
+        ends first or it stays down."""
+        deadline = time.monotonic() + timeout
+        while not server.wait(0.5):
+            if self.stop.is_set() or time.monotonic() > deadline:
+                return False
+        return True
 
     def _relay_with_send_held(self, rng: random.Random, timeout: float) -> Proc | None:
         deadline = time.monotonic() + timeout

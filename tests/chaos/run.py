@@ -186,15 +186,14 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                                               "--session-timeout-ms", "6000"],
                            env_for("consumer"), logs) for i in range(consumers)]
     supervisor = Supervisor(relay_procs + consumer_procs, log)
+    stop = threading.Event()
     # The harness's own writer, for the ordering race: straight to PostgreSQL, never
     # through the proxy that holds the relays back.
     engine = sa.create_engine(direct_url, pool_size=2, pool_pre_ping=True, connect_args={
         "connect_timeout": 5, "options": "-c statement_timeout=15000"})
     faults = Faults(relays=relay_procs, consumers=consumer_procs, kafka_proxy=kafka_proxy,
                     pg_proxy=pg_proxy, factory=sessionmaker(engine), topic=topic,
-                    unsafe=unsafe)
-
-    stop = threading.Event()
+                    unsafe=unsafe, stop=stop)
     lock = threading.Lock()
     target = target_for(floor, duration)
     schedules = {k: KindSchedule(duration, target, PRIOR_SECONDS[k]) for k in KINDS}
@@ -272,11 +271,20 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
     drain_started = time.monotonic()
     committed = load_committed(direct_url)
     report.events_committed = len(committed)
+    # Drained: the outbox is empty and every committed event applied. An event lost for
+    # good (UNSAFE=ack) never arrives: give up once the outbox is empty and nothing was
+    # applied for 30 s, instead of waiting out the deadline.
     deadline = drain_started + 300
+    last_applied, moved = -1, time.monotonic()
     while time.monotonic() < deadline:
         left, applied = progress(direct_url)
         if left == 0 and applied >= len(committed):
             report.drain_seconds = round(time.monotonic() - drain_started, 1)
+            break
+        if applied != last_applied or left != 0:
+            last_applied, moved = applied, time.monotonic()
+        elif time.monotonic() - moved > 30:
+            log(f"  drain: outbox empty, {len(committed) - applied} events never applied")
             break
         time.sleep(1)
     supervisor.stop()
