@@ -1,26 +1,104 @@
-"""The `outbox` command. Every flag also reads an OUTBOX_* environment variable."""
+"""The `outbox` command. Every option also reads an OUTBOX_* environment variable.
+
+A condition the user can cause (a bad URL or setting, an unmigrated database, a wrong
+password, a missing library, a port in use) ends the command with one clear line and a
+non-zero exit, never a Python traceback.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import click
 
 from outbox.dburl import mask
+from outbox.errors import ConfigError
 from outbox.schema import DEFAULT_PREFIX
+
+log = logging.getLogger("outbox.cli")
+
+
+def _checked_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a URL that does not parse cleanly before anything connects (see dburl.parse)."""
+    from outbox.dburl import parse
+
+    if value is not None:
+        try:
+            parse(value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _postgresql_url(ctx: click.Context, param: click.Parameter,
+                    value: str | None) -> str | None:
+    """As _checked_url, for the commands that need PostgreSQL (not SQLite)."""
+    from outbox.dburl import require_postgresql
+
+    if value is not None:
+        command = " ".join(c.info_name or "" for c in _lineage(ctx)[1:])
+        try:
+            require_postgresql(value, f"`outbox {command}`")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _lineage(ctx: click.Context) -> list[click.Context]:
+    chain = [ctx]
+    while chain[0].parent is not None:
+        chain.insert(0, chain[0].parent)
+    return chain
+
+
+def _checked_prefix(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from outbox.schema import validate_prefix
+
+    try:
+        return validate_prefix(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
 
 db_option = click.option(
     "--db", "db_url", envvar="OUTBOX_DATABASE_URL", required=True, show_envvar=True,
-    help="Database URL, e.g. postgresql://user:pass@host/db",
+    callback=_checked_url,
+    help="Database URL, e.g. postgresql://user:pass@host/db (percent-encode '@', ':', '/' "
+         "and '%' in the password).",
+)
+pg_db_option = click.option(
+    "--db", "db_url", envvar="OUTBOX_DATABASE_URL", required=True, show_envvar=True,
+    callback=_postgresql_url,
+    help="PostgreSQL URL, e.g. postgresql://user:pass@host/db (percent-encode '@', ':', '/' "
+         "and '%' in the password).",
 )
 prefix_option = click.option(
     "--table-prefix", envvar="OUTBOX_TABLE_PREFIX", default=DEFAULT_PREFIX, show_default=True,
-    show_envvar=True, help="Prefix of the outbox's table names.",
+    show_envvar=True, callback=_checked_prefix, help="Prefix of the outbox's table names.",
+)
+metrics_host_option = click.option(
+    "--metrics-host", envvar="OUTBOX_METRICS_HOST", default="127.0.0.1", show_default=True,
+    show_envvar=True,
+    help="Address the metrics endpoint binds (it has no authentication; 0.0.0.0 for every "
+         "interface).",
 )
 
 
-@click.group()
+class _Main(click.Group):
+    """The root group: an OutboxError a command lets through still ends in one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from outbox.dburl import mask_text
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise click.ClickException(mask_text(str(exc))) from None
+
+
+@click.group(cls=_Main)
 @click.option("--log-level", envvar="OUTBOX_LOG_LEVEL", default="INFO", show_envvar=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(log_level: str) -> None:
@@ -59,7 +137,7 @@ def db_upgrade(db_url: str, table_prefix: str, revision: str, num_shards: int | 
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
         raise click.ClickException(
-            f"migration of {mask(db_url)} failed: {_clean(exc, db_url)}") from None
+            f"migration of {mask(db_url)} failed: {_clean(exc)}") from None
     click.echo(f"outbox tables at {revision} in {mask(db_url)}")
 
 
@@ -85,7 +163,7 @@ def db_set_shards(db_url: str, table_prefix: str, count: int) -> None:
     except sa.exc.SQLAlchemyError as exc:
         raise click.ClickException(
             f"cannot change the shard count in {mask(db_url)}: "
-            f"{_clean(getattr(exc, 'orig', None) or exc, db_url)}") from None
+            f"{_clean(getattr(exc, 'orig', None) or exc)}") from None
     finally:
         engine.dispose()
     click.echo(f"shard count {before} -> {count}")
@@ -98,7 +176,7 @@ kafka_option = click.option(
 
 
 @main.command()
-@db_option
+@pg_db_option
 @kafka_option
 @prefix_option
 @click.option("--shards", "num_shards", envvar="OUTBOX_SHARDS", default=None,
@@ -131,16 +209,23 @@ kafka_option = click.option(
               type=click.Choice(["gzip", "snappy", "lz4", "zstd"]))
 @click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", default=None, show_envvar=True,
               type=click.IntRange(1, 65535), help="Serve /metrics and /healthz on this port.")
+@metrics_host_option
 @click.option("--relay-id", envvar="OUTBOX_RELAY_ID", default=None, show_envvar=True)
 def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, batch_size: int,
           poll_interval: float, lease_seconds: float, max_attempts: int,
           retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
           delivery_timeout_ms: int, compression: str | None, metrics_port: int | None,
-          relay_id: str | None) -> None:
+          metrics_host: str, relay_id: str | None) -> None:
     """Run a relay worker: publish the outbox to Kafka until SIGTERM."""
-    from outbox.metrics import RelayMetrics, serve
+    from outbox.metrics import RelayMetrics
     from outbox.publisher import KafkaPublisher, KafkaSettings
     from outbox.relay import Relay, RelayConfig
+
+    _check_relay_settings(poll_interval, lease_seconds, linger_ms, delivery_timeout_ms,
+                          kafka_batch_bytes)
+    _check_compression(compression)
+    registry = _metrics_registry(metrics_port)
+    _preflight(db_url, table_prefix, "relay")
 
     settings = KafkaSettings(
         kafka, linger_ms=linger_ms, batch_size=kafka_batch_bytes, compression_type=compression,
@@ -155,14 +240,9 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
         max_attempts=max_attempts, retention_seconds=retention_seconds, relay_id=relay_id,
         send_timeout=delivery_timeout_ms / 1000 + 10,
     )
-    registry = None
-    if metrics_port:
-        from prometheus_client import CollectorRegistry
-
-        registry = CollectorRegistry()
     worker = Relay(config, lambda: KafkaPublisher(settings), RelayMetrics(registry))
     if metrics_port:
-        serve(metrics_port, registry, worker.healthy)
+        _serve_metrics(metrics_port, metrics_host, registry, worker.healthy)
     worker.install_signal_handlers()
     from outbox.errors import ConfigError
 
@@ -173,7 +253,7 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
 
 
 @main.command()
-@db_option
+@pg_db_option
 @prefix_option
 def status(db_url: str, table_prefix: str) -> None:
     """Backlog per shard, oldest pending age, dead letters, live relays and their shards."""
@@ -192,7 +272,7 @@ def status(db_url: str, table_prefix: str) -> None:
             count = store.shard_count(conn)
             now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     except psycopg.Error as exc:
-        raise click.ClickException(f"cannot read {mask(db_url)}: {_clean(exc, db_url)}") from None
+        raise click.ClickException(f"cannot read {mask(db_url)}: {_clean(exc)}") from None
     total = sum(r["pending"] for r in backlog)
     oldest = min((r["oldest"] for r in backlog), default=None)
     age = f"{(now - oldest).total_seconds():.1f}s" if oldest else "-"
@@ -227,9 +307,10 @@ def dead_letters() -> None:
 
 
 @dead_letters.command("list")
-@db_option
+@pg_db_option
 @prefix_option
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--limit", envvar="OUTBOX_DEAD_LETTERS_LIMIT", default=100, show_default=True,
+              show_envvar=True, type=click.IntRange(1, 100_000))
 def dead_letters_list(db_url: str, table_prefix: str, limit: int) -> None:
     """Show dead-lettered events with their errors."""
     import psycopg
@@ -239,8 +320,12 @@ def dead_letters_list(db_url: str, table_prefix: str, limit: int) -> None:
     from outbox.store import Store
 
     store = Store(make_tables(table_prefix))
-    with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
-        rows = store.dead_letters(conn, limit)
+    try:
+        with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
+            rows = store.dead_letters(conn, limit)
+    except psycopg.Error as exc:
+        raise click.ClickException(
+            f"cannot read the dead letters in {mask(db_url)}: {_clean(exc)}") from None
     if not rows:
         click.echo("no dead letters")
     for r in rows:
@@ -250,10 +335,11 @@ def dead_letters_list(db_url: str, table_prefix: str, limit: int) -> None:
 
 
 @dead_letters.command("retry")
-@db_option
+@pg_db_option
 @prefix_option
 @click.argument("positions", nargs=-1, type=int)
-@click.option("--all", "everything", is_flag=True, help="Retry every dead letter.")
+@click.option("--all", "everything", is_flag=True, envvar="OUTBOX_DEAD_LETTERS_RETRY_ALL",
+              show_envvar=True, help="Retry every dead letter.")
 def dead_letters_retry(db_url: str, table_prefix: str, positions: tuple[int, ...],
                        everything: bool) -> None:
     """Put dead letters back in the outbox (at its end) for the relay to publish again."""
@@ -261,10 +347,11 @@ def dead_letters_retry(db_url: str, table_prefix: str, positions: tuple[int, ...
 
 
 @dead_letters.command("purge")
-@db_option
+@pg_db_option
 @prefix_option
 @click.argument("positions", nargs=-1, type=int)
-@click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
+@click.option("--all", "everything", is_flag=True, envvar="OUTBOX_DEAD_LETTERS_PURGE_ALL",
+              show_envvar=True, help="Purge every dead letter.")
 def dead_letters_purge(db_url: str, table_prefix: str, positions: tuple[int, ...],
                        everything: bool) -> None:
     """Delete dead letters for good."""
@@ -283,11 +370,15 @@ def _dead_letter_action(db_url: str, table_prefix: str, positions: tuple[int, ..
         raise click.UsageError("name dead letters by position, or pass --all")
     store = Store(make_tables(table_prefix))
     chosen = None if everything else list(positions)
-    with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
-        if retry:
-            n = store.retry_dead_letters(conn, chosen)
-        else:
-            n = store.purge_dead_letters(conn, chosen)
+    try:
+        with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
+            if retry:
+                n = store.retry_dead_letters(conn, chosen)
+            else:
+                n = store.purge_dead_letters(conn, chosen)
+    except psycopg.Error as exc:
+        raise click.ClickException(f"cannot {'retry' if retry else 'purge'} dead letters in "
+                                   f"{mask(db_url)}: {_clean(exc)}") from None
     click.echo(f"{'retried' if retry else 'purged'} {n} dead letter(s)")
 
 
@@ -312,21 +403,23 @@ class KafkaClientLogLimit(logging.Filter):
         return True
 
 
-def _clean(exc: BaseException, url: str) -> str:
-    """An error message with any password from the URL masked."""
-    from sqlalchemy.engine import make_url
+def _clean(exc: BaseException) -> str:
+    """One line about `exc` for the user: what cannot heal by waiting named as such.
 
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    return text.replace(str(password), "***") if password else text
+    URLs and DSN passwords in it are masked by parsing them, never by searching for the
+    password's text (that garbles messages and gives short passwords away).
+    """
+    from outbox.dburl import mask_text
+    from outbox.diagnose import permanent_reason
+
+    text = str(exc).strip()
+    return mask_text(permanent_reason(exc) or (text.splitlines()[0] if text
+                                               else type(exc).__name__))
 
 
 @main.command()
 @click.argument("target", envvar="OUTBOX_CONSUMER")
-@db_option
+@pg_db_option
 @kafka_option
 @prefix_option
 @click.option("--group-id", envvar="OUTBOX_GROUP_ID", default=None, show_envvar=True,
@@ -340,9 +433,10 @@ def _clean(exc: BaseException, url: str) -> str:
                    "(kafka-python's default: 45000).")
 @click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", default=None, show_envvar=True,
               type=click.IntRange(1, 65535), help="Serve /metrics and /healthz on this port.")
+@metrics_host_option
 def consume(target: str, db_url: str, kafka: str, table_prefix: str, group_id: str | None,
             max_poll_records: int, session_timeout_ms: int | None,
-            metrics_port: int | None) -> None:
+            metrics_port: int | None, metrics_host: str) -> None:
     """Run an idempotent consumer, TARGET = package.module:ClassName, until SIGTERM.
 
     TARGET is an IdempotentConsumer subclass or a function decorated with @consumer(...);
@@ -351,29 +445,128 @@ def consume(target: str, db_url: str, kafka: str, table_prefix: str, group_id: s
     import os
 
     from outbox.consumer import ConsumerRunner, load_consumer
-    from outbox.errors import ConfigError
-    from outbox.metrics import ConsumerMetrics, serve
+    from outbox.dburl import parse
+    from outbox.metrics import ConsumerMetrics
 
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    # The consumer runs on psycopg 3, whichever driver the URL names.
+    psycopg_url = parse(db_url).set(drivername="postgresql+psycopg").render_as_string(
+        hide_password=False)
     try:
         handler = load_consumer(target)
-        registry = None
-        if metrics_port:
-            from prometheus_client import CollectorRegistry
-
-            registry = CollectorRegistry()
+        registry = _metrics_registry(metrics_port)
         runner = ConsumerRunner(
-            handler, db_url=db_url, kafka=kafka, table_prefix=table_prefix, group_id=group_id,
-            max_poll_records=max_poll_records, session_timeout_ms=session_timeout_ms,
-            metrics=ConsumerMetrics(registry),
+            handler, db_url=psycopg_url, kafka=kafka, table_prefix=table_prefix,
+            group_id=group_id, max_poll_records=max_poll_records,
+            session_timeout_ms=session_timeout_ms, metrics=ConsumerMetrics(registry),
         )
     except ConfigError as exc:
-        raise click.ClickException(_clean(exc, db_url)) from None
+        raise click.ClickException(_clean(exc)) from None
+    _preflight(db_url, table_prefix, "consumer")
     if metrics_port:
-        serve(metrics_port, registry, runner.healthy)
+        _serve_metrics(metrics_port, metrics_host, registry, runner.healthy)
     runner.install_signal_handlers()
-    runner.run()
+    from outbox.errors import OutboxError
+
+    try:
+        runner.run()
+    except OutboxError as exc:  # found while running: a misconfiguration, a handler misuse
+        raise click.ClickException(_clean(exc)) from None
+
+
+def _check_relay_settings(poll_interval: float, lease_seconds: float, linger_ms: int,
+                          delivery_timeout_ms: int, kafka_batch_bytes: int) -> None:
+    """Refuse settings that contradict each other, before anything starts."""
+    from outbox.publisher import KafkaSettings
+
+    if poll_interval >= lease_seconds:
+        raise click.UsageError(
+            f"--poll-interval ({poll_interval:g} s) must be shorter than --lease "
+            f"({lease_seconds:g} s): a relay silent for its lease loses its shards")
+    if delivery_timeout_ms < linger_ms + 1000:
+        raise click.UsageError(
+            f"--delivery-timeout-ms ({delivery_timeout_ms}) must exceed --linger-ms "
+            f"({linger_ms}) by at least 1000: a send lingers first, then needs time for "
+            "its request")
+    max_request = KafkaSettings("").max_request_size
+    if kafka_batch_bytes > max_request:
+        raise click.UsageError(
+            f"--kafka-batch-bytes ({kafka_batch_bytes}) must not exceed the producer's "
+            f"largest request ({max_request} bytes)")
+
+
+def _check_compression(codec: str | None) -> None:
+    """A compression library that is not installed never appears by waiting: stop now."""
+    if codec is None:
+        return
+    from kafka import codec as codecs
+
+    from outbox.diagnose import COMPRESSION_PACKAGES
+
+    available = {"gzip": codecs.has_gzip, "snappy": codecs.has_snappy,
+                 "lz4": codecs.has_lz4, "zstd": codecs.has_zstd}[codec]
+    if not available():
+        package = COMPRESSION_PACKAGES.get(codec, codec)
+        raise click.ClickException(
+            f"--compression {codec} needs the Python package {package!r}, which is not "
+            f"installed: pip install {package}, or choose another --compression")
+
+
+def _metrics_registry(port: int | None) -> Any:
+    """A Prometheus registry when a metrics port is asked for (None otherwise)."""
+    if not port:
+        return None
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        raise click.ClickException(
+            "--metrics-port needs prometheus-client, which is not installed: "
+            "pip install 'transactional-outbox[metrics]'") from None
+    return CollectorRegistry()
+
+
+def _serve_metrics(port: int, host: str, registry: Any, healthy: Any) -> None:
+    from outbox.metrics import serve
+
+    try:
+        serve(port, registry, healthy, host=host)
+    except OSError as exc:  # port in use, no permission, unknown address
+        raise click.ClickException(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _preflight(db_url: str, table_prefix: str, what: str) -> None:
+    """Connect once before the service loop: stop with the reason on what waiting cannot
+    fix (authentication, a missing database or tables); a server that does not answer
+    may be starting, so that is logged and left to the loop's backoff."""
+    import psycopg
+
+    from outbox.dburl import libpq_url
+    from outbox.diagnose import permanent_reason
+    from outbox.schema import make_tables
+
+    tables = make_tables(table_prefix)
+    needed = [tables.inbox] if what == "consumer" else [
+        tables.events, tables.dead_letters, tables.shards]
+    try:
+        with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
+            missing = [t.name for t in needed
+                       if conn.execute("SELECT to_regclass(%s)", (t.name,)).fetchone()
+                       == (None,)]
+    except psycopg.Error as exc:
+        reason = permanent_reason(exc)
+        if reason:
+            raise click.ClickException(
+                f"{what} cannot start on {mask(db_url)}: {_clean(exc)}") from None
+        log.warning("%s: database %s unreachable at startup (%s); it may still be "
+                    "starting: retrying with backoff", what, mask(db_url), _clean(exc))
+        return
+    if missing:
+        raise click.ClickException(
+            f"{what} cannot start on {mask(db_url)}: the outbox tables are missing "
+            f"({', '.join(missing)}): run `outbox db upgrade` on this database, with the same "
+            "--table-prefix")
 
 
 if __name__ == "__main__":

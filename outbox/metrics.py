@@ -52,8 +52,16 @@ class RelayMetrics:
             self._empty.set(1)
 
 
-def serve(port: int, registry: Any, healthy: Any) -> ThreadingHTTPServer:
-    """Serve /metrics (Prometheus text) and /healthz (200 while `healthy()` is true)."""
+DEFAULT_HOST = "127.0.0.1"
+
+
+def serve(port: int, registry: Any, healthy: Any, host: str = DEFAULT_HOST
+          ) -> ThreadingHTTPServer:
+    """Serve /metrics (Prometheus text) and /healthz (200 while `healthy()` is true).
+
+    On loopback unless `host` says otherwise ("0.0.0.0" for a scraper on another host):
+    the endpoint has no authentication. Raises OSError if the port cannot be bound.
+    """
     from prometheus_client import generate_latest
 
     class Handler(BaseHTTPRequestHandler):
@@ -75,7 +83,7 @@ def serve(port: int, registry: Any, healthy: Any) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             return None
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="outbox-metrics").start()
     return server
 

@@ -27,10 +27,10 @@ def empty_db_url(admin_url: str) -> Iterator[str]:
     """A database with nothing in it (not cloned from the migrated template)."""
     name = f"outbox_e_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'CREATE DATABASE "{name}"')
     yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_migrated_database_equals_the_metadata(engine: sa.Engine) -> None:

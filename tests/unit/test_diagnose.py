@@ -20,7 +20,7 @@ REFUSED = ('connection failed: connection to server at "127.0.0.1", port 1 faile
 
 def wrapped(orig: BaseException) -> sa.exc.DBAPIError:
     """As SQLAlchemy raises a driver error."""
-    return sa.exc.OperationalError("SELECT 1", {}, orig)  # type: ignore[arg-type]
+    return sa.exc.OperationalError("SELECT 1", {}, orig)
 
 
 def caused(exc: BaseException, cause: BaseException) -> BaseException:
