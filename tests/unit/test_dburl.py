@@ -49,7 +49,7 @@ def test_encoded_password_reaches_libpq_intact() -> None:
 
 def test_require_postgresql_names_the_command() -> None:
     assert require_postgresql("postgresql://a@b/c", "outbox consume").database == "c"
-    with pytest.raises(ConfigError, match="outbox consume needs PostgreSQL.*sqlite"):
+    with pytest.raises(ConfigError, match=r"outbox consume needs PostgreSQL.*sqlite"):
         require_postgresql("sqlite:///shop.db", "outbox consume")
 
 
