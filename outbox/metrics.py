@@ -1,7 +1,8 @@
 """Prometheus metrics and a health endpoint, on an optional port.
 
-prometheus-client is an optional dependency (`pip install transactional-outbox[metrics]`);
-without it, or without a port, the counters below do nothing.
+prometheus-client is an optional dependency (`pip install transactional-outbox[metrics]`):
+`outbox relay` and `outbox consume` refuse `--metrics-port` without it. Given a registry
+of None (no port), the counters below do nothing.
 """
 
 from __future__ import annotations
