@@ -85,3 +85,18 @@ def test_usage_errors_come_before_any_connection() -> None:
                                     "--lease", "5"])
     assert out.exit_code == 2
     assert "--poll-interval (5 s) must be shorter than --lease (5 s)" in out.output
+
+
+def test_compose_relay_publishes_metrics_beyond_its_loopback() -> None:
+    """In a container the metrics must bind every interface for the published port."""
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    relay = compose["services"]["relay"]
+    command = relay["command"]
+    port = command[command.index("--metrics-port") + 1]
+    assert f"{port}:{port}" in relay["ports"]
+    assert command[command.index("--metrics-host") + 1] == "0.0.0.0"
