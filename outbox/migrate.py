@@ -25,6 +25,7 @@ from outbox.schema import DEFAULT_PREFIX, validate_prefix
 
 
 def alembic_config(prefix: str = DEFAULT_PREFIX, url: str | None = None) -> Config:
+    """The outbox's own Alembic config, built in code: no alembic.ini, any working dir."""
     import outbox.migrations as pkg
 
     cfg = Config()
