@@ -34,7 +34,7 @@ def _run_briefly(relay: Relay) -> BaseException | None:
     def target() -> None:
         try:
             relay.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             raised.append(exc)
 
     thread = threading.Thread(target=target)
