@@ -62,6 +62,7 @@ def check(url: str, kafka: str, topic: str, committed: dict[str, tuple[str, int]
     """Read the whole topic and the effects table; compare with `committed`."""
     out = Findings()
     first: dict[str, list[int]] = defaultdict(list)  # key -> versions, first copies in order
+    first_ids: dict[str, list[str]] = defaultdict(list)  # key -> their event ids
     copies: dict[str, Copy] = {}
     dups: list[tuple[Copy, Copy]] = []  # (first copy, later copy)
     consumer = KafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest",
@@ -82,6 +83,7 @@ def check(url: str, kafka: str, topic: str, committed: dict[str, tuple[str, int]
                 if eid in committed:
                     key, version = committed[eid]
                     first[key].append(version)
+                    first_ids[key].append(eid)
     consumer.close()
     seen = set(copies)
     out.lost = set(committed) - seen
@@ -89,7 +91,14 @@ def check(url: str, kafka: str, topic: str, committed: dict[str, tuple[str, int]
     bad_keys = [k for k, vs in first.items() if any(b <= a for a, b in itertools.pairwise(vs))]
     out.order_violations = sum(sum(1 for a, b in itertools.pairwise(first[k]) if b <= a)
                                for k in bad_keys)
-    out.order_examples = [f"{k}: {first[k][:20]}" for k in bad_keys[:3]]
+    for k in bad_keys[:3]:
+        i = next(i for i in range(1, len(first[k])) if first[k][i] <= first[k][i - 1])
+        a, b = (copies[first_ids[k][j]] for j in (i - 1, i))
+        out.order_examples.append(
+            f"{k}: versions {first[k][max(0, i - 3):i + 3]} around position {i}; "
+            f"v{first[k][i - 1]} {first_ids[k][i - 1]} at {a.partition}/{a.offset} sent "
+            f"{a.ts - started_wall:.1f}s, then v{first[k][i]} {first_ids[k][i]} at "
+            f"{b.partition}/{b.offset} sent {b.ts - started_wall:.1f}s")
     with psycopg.connect(libpq_url(url)) as conn:
         effects = {str(r[0]): r[1] for r in conn.execute("SELECT event_id, n FROM chaos_effects")}
         left = conn.execute("SELECT count(*) FROM outbox_events").fetchone()

@@ -22,8 +22,14 @@ aimed at the window one safety mechanism closes, so removing that mechanism
                        the relays held back until both committed: without `ordering`
                        (an event's place fixed at publish(), not at commit), out of order.
 
-A fault counts only when it hit its window (the crash point was reached, a send was in
-flight, both transactions committed); a miss is logged and its time spent.
+A window fault aims at a moment when the servers it needs are up (a broker kill or a
+database restart in progress ends with its server back), and no new random fault starts
+while it aims; the aiming is short and bounded, and the rest (restarting the crashed
+process, the stalled relay's sleep) overlaps everything else. One window fault aims at
+a time (they would spoil each other's aim); random faults overlap each other freely. A
+fault counts only when it hit its window (the crash point was reached, a send was in
+flight, both transactions committed); a window fault that misses aims again, up to 3
+times.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,16 +63,56 @@ KINDS = RANDOM_KINDS + WINDOW_KINDS
 
 # Seconds a fault of each kind is expected to take, until the run has measured it.
 PRIOR_SECONDS = {
-    "relay_kill": 1.5, "consumer_kill": 2.0, "relay_pause": LEASE + 3.0, "kafka_kill": 8.0,
+    "relay_kill": 1.5, "consumer_kill": 2.0, "relay_pause": LEASE + 3.0, "kafka_kill": 6.0,
     "pg_restart": 2.0, "net_cut": 1.0, "net_blackhole": 4.0, "net_latency": 4.0,
     "window_send_crash": 5.0, "window_inflight_kill": 2.5, "window_ack_crash": 5.0,
     "window_commit_crash": 6.0, "window_inflight_stall": LEASE + 4.0,
     "window_order_race": 0.5,
 }
 
+# Window faults aim one at a time, each for a few seconds of calm: fewer of them.
+WINDOW_PER_10MIN = 5  # the floor for each window kind (pro rata, at least 1 per run)
+WINDOW_NOMINAL_PER_10MIN = 6
+
 # The armed relay of window_send_crash keeps its first batch in the producer (linger)
 # until the crash point ends the process: none of it can have reached Kafka.
 HOLD_IN_PRODUCER = ["--linger-ms", "5000", "--delivery-timeout-ms", "40000"]
+
+
+class Gate:
+    """Random faults pass together; while a window fault aims, new ones wait. One window
+    fault aims at a time."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._aiming = False
+        self._running = 0  # random faults under way
+        self.on_aim: Callable[[], None] = lambda: None
+
+    @contextlib.contextmanager
+    def random_fault(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._aiming)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def aiming(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._aiming)
+            self._aiming = True
+        self.on_aim()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._aiming = False
+                self._cond.notify_all()
 
 
 class Proc:
@@ -188,38 +234,76 @@ class Faults:
 
     def __init__(self, *, relays: list[Proc], consumers: list[Proc], kafka_proxy: TcpProxy,
                  pg_proxy: TcpProxy, factory: sessionmaker[Session], topic: str,
-                 unsafe: str | None, stop: threading.Event) -> None:
+                 unsafe: str | None, stop: threading.Event, trace: Path) -> None:
         self.relays, self.consumers = relays, consumers
         self.kafka_proxy, self.pg_proxy = kafka_proxy, pg_proxy
         self.proxies = [kafka_proxy, pg_proxy]
         self.factory, self.topic, self.unsafe = factory, topic, unsafe
         self.stop = stop  # set when the run ends: waiting faults give up
+        self._trace_file = trace  # what each fault did when, for whoever reads a run's logs
+        self._trace_lock = threading.Lock()
+        self._t0 = time.monotonic()
         self.box = Outbox()
         self.kafka_up = threading.Event()
         self.pg_up = threading.Event()
         self.kafka_up.set()
         self.pg_up.set()
         self._races = 0
+        self.gate = Gate()
+        self.gate.on_aim = lambda: self.trace("aiming")
+
+    def trace(self, text: str) -> None:
+        with self._trace_lock, open(self._trace_file, "a") as f:
+            f.write(f"{time.monotonic() - self._t0:7.2f} {threading.current_thread().name}: "
+                    f"{text}\n")
 
     def inject(self, kind: str, rng: random.Random) -> tuple[bool, str]:
         method: Callable[[random.Random], tuple[bool, str]] = getattr(self, kind)
-        return method(rng)
+        if kind not in WINDOW_KINDS:
+            with self.gate.random_fault():
+                self.trace("start")
+                hit, detail = method(rng)
+                self.trace(f"end {detail}")
+                return hit, detail
+        details = []
+        for _ in range(3):
+            self.trace("aim")
+            hit, detail = method(rng)
+            self.trace(f"{'hit' if hit else 'miss'}: {detail}")
+            details.append(detail)
+            if hit or self.stop.wait(1.0):
+                break
+        return hit, "; ".join(details)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _free(procs: list[Proc], rng: random.Random) -> Iterator[Proc]:
+        """One of `procs` that no other fault acts on (waiting for one if none is free)."""
+        order = rng.sample(procs, len(procs))
+        chosen = next((p for p in order if p.lock.acquire(blocking=False)), None)
+        if chosen is None:
+            chosen = order[0]
+            chosen.lock.acquire()
+        try:
+            yield chosen
+        finally:
+            chosen.lock.release()
 
     # -- random faults ----------------------------------------------------------------
 
     def relay_kill(self, rng: random.Random) -> tuple[bool, str]:
-        p = rng.choice(self.relays)
-        p.kill_and_restart(rng.uniform(0.1, 1.5))
+        with self._free(self.relays, rng) as p:
+            p.kill_and_restart(rng.uniform(0.1, 1.5))
         return True, p.name
 
     def consumer_kill(self, rng: random.Random) -> tuple[bool, str]:
-        p = rng.choice(self.consumers)
-        p.kill_and_restart(rng.uniform(0.1, 1.5))
+        with self._free(self.consumers, rng) as p:
+            p.kill_and_restart(rng.uniform(0.1, 1.5))
         return True, p.name
 
     def relay_pause(self, rng: random.Random) -> tuple[bool, str]:
-        p = rng.choice(self.relays)
-        p.pause(LEASE + rng.uniform(1, 3))
+        with self._free(self.relays, rng) as p:
+            p.pause(LEASE + rng.uniform(1, 3))
         return True, p.name
 
     def kafka_kill(self, rng: random.Random) -> tuple[bool, str]:
@@ -260,13 +344,13 @@ class Faults:
     # -- faults aimed at the crash windows --------------------------------------------
 
     def window_send_crash(self, rng: random.Random) -> tuple[bool, str]:
-        return self._crash_at(rng.choice(self.relays), "relay.after_send", HOLD_IN_PRODUCER)
+        return self._crash_at(self.relays, rng, "relay.after_send", HOLD_IN_PRODUCER)
 
     def window_ack_crash(self, rng: random.Random) -> tuple[bool, str]:
-        return self._crash_at(rng.choice(self.relays), "relay.after_ack")
+        return self._crash_at(self.relays, rng, "relay.after_ack")
 
     def window_commit_crash(self, rng: random.Random) -> tuple[bool, str]:
-        return self._crash_at(rng.choice(self.consumers), "consumer.after_commit")
+        return self._crash_at(self.consumers, rng, "consumer.after_commit")
 
     def window_inflight_kill(self, rng: random.Random) -> tuple[bool, str]:
         return self._in_flight(rng, stall=False)
@@ -275,88 +359,110 @@ class Faults:
         return self._in_flight(rng, stall=True)
 
     def window_order_race(self, rng: random.Random) -> tuple[bool, str]:
-        if not self._up(self.pg_up):
-            return False, "PostgreSQL down"
         self._races += 1
         key = f"race-{self._races}"
         unsafe = _unsafe.disable("ordering") if self.unsafe == "ordering" \
             else contextlib.nullcontext()
-        self.pg_proxy.hold()  # relays see neither commit until both are done
-        try:
-            time.sleep(0.1)  # a relay's query already at the server finishes first
-            with unsafe:
-                return race(self.factory, self.box, self.topic, key), key
-        finally:
-            self.pg_proxy.release()
+        if not self._up(self.pg_up):
+            return False, "PostgreSQL down"
+        with self.gate.aiming():
+            if not self._up(self.pg_up, 10):
+                return False, "PostgreSQL down"
+            self.pg_proxy.hold()  # relays see neither commit until both are done
+            try:
+                time.sleep(0.1)  # a relay's query already at the server finishes first
+                with unsafe:
+                    return race(self.factory, self.box, self.topic, key), key
+            finally:
+                self.pg_proxy.release()
 
-    def _crash_at(self, p: Proc, point: str, args: list[str] | None = None,
-                  wait: float = 30.0) -> tuple[bool, str]:
-        """Restart `p` armed to exit at crash point `point`, wait for that exit, restart
-        it unarmed. A hit when it exited there (code 86)."""
+    def _crash_at(self, procs: list[Proc], rng: random.Random, point: str,
+                  args: list[str] | None = None, wait: float = 10.0) -> tuple[bool, str]:
+        """Restart one of `procs` armed to exit at crash point `point`, wait for that exit,
+        restart it unarmed. A hit when it exited there (code 86)."""
         if not (self._up(self.kafka_up) and self._up(self.pg_up)):
             return False, "servers down"
-        with p.lock:
-            p.stop(timeout=5)
-            p.start(env={"OUTBOX_FAULT_CRASH": f"{point}:1"}, args=args)
-            deadline = time.monotonic() + wait
-            code = p.wait_exit(1.0)
-            while code is None and time.monotonic() < deadline and not self.stop.is_set():
-                code = p.wait_exit(1.0)
-            if code is None:
-                p.kill()
-            p.start()
+        with self.gate.aiming():
+            if not (self._up(self.kafka_up, 10) and self._up(self.pg_up, 10)):
+                return False, "servers down"
+            with self._free(procs, rng) as p:
+                p.stop(timeout=5)
+                p.start(env={"OUTBOX_FAULT_CRASH": f"{point}:1"}, args=args)
+                deadline = time.monotonic() + wait
+                code = p.wait_exit(0.2)
+                while code is None and time.monotonic() < deadline and not self.stop.is_set():
+                    code = p.wait_exit(0.2)
+                if code is None:
+                    p.kill()
+                p.start()
         return code == CRASH_EXIT, f"{p.name} exit {code}"
 
     def _in_flight(self, rng: random.Random, stall: bool) -> tuple[bool, str]:
         """Hold the relays' traffic to Kafka until one has a Produce request held; then
         kill it (or stop it), drop every held byte with the connections, and let the
         others go on. The killed relay is restarted; the stopped one resumes after its
-        lease has expired."""
-        if not self._up(self.kafka_up):
-            return False, "Kafka down"
+        lease has expired, the others having sent its events and later ones meanwhile."""
         proxy = self.kafka_proxy
-        proxy.hold()
-        holding = True
-        try:
-            victim = self._relay_with_send_held(rng, timeout=4.0)
-            if victim is None:
-                return False, "no relay had a send in flight"
-            if not victim.lock.acquire(timeout=1.0):
-                return False, f"{victim.name} busy with another fault"
+        if not (self._up(self.kafka_up) and self._up(self.pg_up) and self._producing()):
+            return False, "relays not sending"
+        with self.gate.aiming():
+            if not (self._up(self.kafka_up, 10) and self._up(self.pg_up, 10)):
+                return False, "servers down"
+            proxy.hold()
             try:
-                time.sleep(0.5)  # it has deleted (without `ack`) and waits for the answer
-                if stall:
-                    victim.signal(signal.SIGSTOP)
-                else:
-                    victim.kill()
-                dropped = proxy.cut()
-                proxy.release()
-                holding = False
-                if stall:
-                    time.sleep(LEASE + rng.uniform(1.5, 3.0))
+                victim = self._relay_with_send_held(rng, timeout=5.0)
+                if victim is None:
+                    return False, "no relay had a send in flight"
+                try:
+                    time.sleep(0.5)  # it has deleted (without `ack`), waits for the answer
+                    if stall:
+                        victim.signal(signal.SIGSTOP)
+                    else:
+                        victim.kill()
+                    dropped = proxy.cut()
+                except BaseException:
                     victim.signal(signal.SIGCONT)
-                else:
-                    time.sleep(rng.uniform(0.1, 1.0))
-                    victim.start()
+                    victim.lock.release()
+                    raise
             finally:
-                victim.lock.release()
-            return True, f"{victim.name}, {dropped} connections dropped"
-        finally:
-            if holding:
                 proxy.release()
+            if stall:  # the others deliver later events of its keys, undisturbed
+                time.sleep(1.5)
+        try:
+            if stall:
+                time.sleep(LEASE + rng.uniform(0, 1.5))
+                victim.signal(signal.SIGCONT)
+            else:
+                time.sleep(rng.uniform(0.1, 1.0))
+                victim.start()
+        finally:
+            victim.lock.release()
+        return True, f"{victim.name}, {dropped} connections dropped"
+
+    def _producing(self, timeout: float = 20.0) -> bool:
+        """Wait until the relays send to Kafka again (after an outage they back off)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() - self.kafka_proxy.last_produce > 1.0:
+            if self.stop.wait(0.2) or time.monotonic() > deadline:
+                return False
+        return True
 
     def _up(self, server: threading.Event, timeout: float = 30.0) -> bool:
         """Wait until `server` is up (another fault may have it down); False when the run
         ends first or it stays down."""
         deadline = time.monotonic() + timeout
+        if not server.is_set():
+            self.trace("waiting for a server")
         while not server.wait(0.5):
             if self.stop.is_set() or time.monotonic() > deadline:
                 return False
         return True
 
     def _relay_with_send_held(self, rng: random.Random, timeout: float) -> Proc | None:
+        """A relay with a Produce request held in the Kafka proxy, locked for the caller
+        (no other fault acts on it); None if none shows up in `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stop.is_set():
             time.sleep(0.1)
             held = self.kafka_proxy.held_kafka_requests()
             ports = [port for port, keys in held.items() if KAFKA_PRODUCE in keys]
@@ -364,7 +470,9 @@ class Faults:
                 continue
             by_pid = {p.pid: p for p in self.relays if p.pid is not None}
             owners = port_owners(ports, self.kafka_proxy.listen_port, by_pid)
-            names = sorted({by_pid[pid].name for pid in owners.values()})
-            if names:
-                return next(p for p in self.relays if p.name == rng.choice(names))
+            for name in rng.sample(sorted({by_pid[pid].name for pid in owners.values()}),
+                                   len(set(owners.values()))):
+                victim = next(p for p in self.relays if p.name == name)
+                if victim.lock.acquire(blocking=False):
+                    return victim
         return None

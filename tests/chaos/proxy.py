@@ -23,8 +23,11 @@ KAFKA_PRODUCE = 0  # the API key of a Kafka Produce request
 class TcpProxy:
     """Forwards 127.0.0.1:listen_port to 127.0.0.1:target_port, with faults on demand."""
 
-    def __init__(self, listen_port: int, target_port: int, name: str) -> None:
+    def __init__(self, listen_port: int, target_port: int, name: str,
+                 kafka: bool = False) -> None:
         self.name = name
+        self.kafka = kafka  # parse the client's Kafka requests (see last_produce)
+        self.last_produce = 0.0  # when a Produce request last went to the server
         self.target = ("127.0.0.1", target_port)
         self._server = socket.create_server(("127.0.0.1", listen_port), reuse_port=True)
         self.listen_port: int = self._server.getsockname()[1]  # listen_port, or the one given for 0
@@ -123,6 +126,7 @@ class TcpProxy:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
+        requests = KafkaFrames() if self.kafka else None
         try:
             while not self._stop.is_set():
                 if self.held():
@@ -138,6 +142,8 @@ class TcpProxy:
                     if self.latency:
                         time.sleep(self.latency)
                     peers[sock].sendall(data)
+                    if requests and sock is a and KAFKA_PRODUCE in requests.feed(data):
+                        self.last_produce = time.monotonic()
         except (OSError, ValueError):
             return
         finally:
@@ -146,6 +152,33 @@ class TcpProxy:
             for s in (a, b):
                 with contextlib.suppress(OSError):
                     s.close()
+
+
+class KafkaFrames:
+    """The API keys of the Kafka requests in a client's byte stream, fed chunk by chunk."""
+
+    def __init__(self) -> None:
+        self._left = 0  # bytes of the current request still to come
+        self._head = b""  # the start of the next request's size and API key
+
+    def feed(self, data: bytes) -> list[int]:
+        keys: list[int] = []
+        i = 0
+        while i < len(data):
+            if self._left:
+                step = min(self._left, len(data) - i)
+                self._left -= step
+                i += step
+                continue
+            take = data[i:i + 6 - len(self._head)]
+            self._head += take
+            i += len(take)
+            if len(self._head) < 6:
+                break
+            keys.append(int.from_bytes(self._head[4:6], "big", signed=True))
+            self._left = max(0, int.from_bytes(self._head[:4], "big", signed=True) - 2)
+            self._head = b""
+        return keys
 
 
 def kafka_api_keys(data: bytes) -> list[int]:

@@ -46,8 +46,11 @@ from tests.chaos.faults import (
     KINDS,
     LEASE,
     PRIOR_SECONDS,
+    RANDOM_KINDS,
     ROOT,
     WINDOW_KINDS,
+    WINDOW_NOMINAL_PER_10MIN,
+    WINDOW_PER_10MIN,
     Faults,
     Proc,
     Supervisor,
@@ -67,7 +70,8 @@ class Report:
     seed: int
     duration: float
     unsafe: str | None
-    floor: int = 0
+    kinds: tuple[str, ...] = KINDS
+    floors: dict[str, int] = field(default_factory=dict)  # the floor of each kind
     faults: Counter[str] = field(default_factory=Counter)  # faults that hit
     missed: Counter[str] = field(default_factory=Counter)  # tried, window not hit
     fault_seconds: dict[str, list[float]] = field(default_factory=dict)
@@ -96,13 +100,13 @@ class Report:
 
     @property
     def short_of_floor(self) -> list[str]:
-        return [k for k in KINDS if self.faults[k] < self.floor]
+        return [k for k in self.kinds if self.faults[k] < self.floors.get(k, 0)]
 
     def as_dict(self) -> dict[str, object]:
         return {
             "seed": self.seed, "duration": self.duration, "unsafe": self.unsafe,
-            "floor_per_kind": self.floor, "faults": {k: self.faults[k] for k in KINDS},
-            "missed": {k: self.missed[k] for k in KINDS if self.missed[k]},
+            "floors": self.floors, "faults": {k: self.faults[k] for k in self.kinds},
+            "missed": {k: self.missed[k] for k in self.kinds if self.missed[k]},
             "fault_seconds": {k: _stats(v) for k, v in self.fault_seconds.items()},
             "events_committed": self.events_committed,
             "records_in_kafka": self.records_in_kafka, "lost": self.lost,
@@ -125,7 +129,11 @@ def _stats(seconds: list[float]) -> dict[str, float]:
 
 def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 3,
         consumers: int = 2, writers: int = 2, rate: float = 60.0, min_per_10min: int = 0,
-        log: Callable[[str], None] = print) -> Report:
+        kinds: tuple[str, ...] = KINDS, log: Callable[[str], None] = print) -> Report:
+    """Run the system under faults of `kinds` for `duration` seconds, then check it.
+
+    With `min_per_10min`, each random kind has that floor per 600 s (pro rata) and each
+    window kind WINDOW_PER_10MIN (at least 1); the report says which fell short."""
     if os.environ.get("OUTBOX_UNSAFE_DISABLE"):
         raise SystemExit("unset OUTBOX_UNSAFE_DISABLE: the harness itself must keep every "
                          "mechanism; choose one to remove with --unsafe")
@@ -134,8 +142,10 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
     run_id = f"{seed}-{uuid.uuid4().hex[:6]}"
     logs = ROOT / "reports" / f"chaos-{run_id}"
     logs.mkdir(parents=True, exist_ok=True)
-    floor = floor_for(min_per_10min, duration)
-    report = Report(seed=seed, duration=duration, unsafe=unsafe, floor=floor)
+    floors = {k: 0 if not min_per_10min else
+              max(1, floor_for(WINDOW_PER_10MIN, duration)) if k in WINDOW_KINDS else
+              floor_for(min_per_10min, duration) for k in kinds}
+    report = Report(seed=seed, duration=duration, unsafe=unsafe, kinds=kinds, floors=floors)
 
     db = "outbox_chaos"
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
@@ -155,7 +165,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
     admin.close()
 
     pg_port = make_url(admin_url).port or 5432
-    kafka_proxy = TcpProxy(KAFKA_PROXY_PORT, KAFKA_PROXIED_PORT, "kafka")
+    kafka_proxy = TcpProxy(KAFKA_PROXY_PORT, KAFKA_PROXIED_PORT, "kafka", kafka=True)
     pg_proxy = TcpProxy(PG_PROXY_PORT, pg_port, "postgres")
     proxies = [kafka_proxy, pg_proxy]
     base_env = {**os.environ, "PYTHONPATH": str(ROOT), "CHAOS_TOPIC": topic,
@@ -193,10 +203,11 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         "connect_timeout": 5, "options": "-c statement_timeout=15000"})
     faults = Faults(relays=relay_procs, consumers=consumer_procs, kafka_proxy=kafka_proxy,
                     pg_proxy=pg_proxy, factory=sessionmaker(engine), topic=topic,
-                    unsafe=unsafe, stop=stop)
+                    unsafe=unsafe, stop=stop, trace=logs / "faults.log")
     lock = threading.Lock()
-    target = target_for(floor, duration)
-    schedules = {k: KindSchedule(duration, target, PRIOR_SECONDS[k]) for k in KINDS}
+    targets = {k: target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN)
+               if k in WINDOW_KINDS else target_for(floors[k], duration) for k in kinds}
+    schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k]) for k in kinds}
     warned: set[str] = set()
     started = time.monotonic()
     started_wall = time.time()
@@ -226,6 +237,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                     report.faults[kind] += 1
                 else:
                     report.missed[kind] += 1
+                floor = floors[kind]
                 if floor and kind not in warned and not sched.feasible(elapsed(), floor):
                     warned.add(kind)
                     log(f"  WARNING: {kind} cannot reach the floor at this pace: "
@@ -233,24 +245,29 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                         f"{duration - elapsed():.0f} s left")
 
     log(f"chaos seed={seed} duration={duration:.0f}s unsafe={unsafe or '-'} logs={logs}")
-    budget = duration / floor if floor else None
-    log(f"  schedule: {target} faults of each of {len(KINDS)} kinds (a slot of "
-        f"{duration / target:.1f} s each)" + (
-            f"; floor {floor} each ({min_per_10min} per 10 min): feasible while a fault takes "
-            f"<= {budget:.1f} s" if budget else ""))
-    if budget:
-        risky = [f"{k} (~{PRIOR_SECONDS[k]:.0f} s)" for k in KINDS if PRIOR_SECONDS[k] > budget]
-        log("  expected durations all fit the floor" if not risky
-            else f"  at risk of missing the floor: {', '.join(risky)}")
+    for group in (RANDOM_KINDS, WINDOW_KINDS):
+        chosen = [k for k in group if k in kinds]
+        if not chosen:
+            continue
+        k0 = chosen[0]
+        floor = floors[k0]
+        log(f"  {'random' if group is RANDOM_KINDS else 'window'} faults: {targets[k0]} of "
+            f"each of {len(chosen)} kinds (a slot of {duration / targets[k0]:.1f} s)"
+            + (f"; floor {floor} each: feasible while a fault takes <= "
+               f"{duration / floor:.1f} s" if floor else ""))
+        risky = [f"{k} (~{PRIOR_SECONDS[k]:.0f} s)" for k in chosen
+                 if floor and PRIOR_SECONDS[k] > duration / floor]
+        if risky:
+            log(f"  at risk of missing the floor: {', '.join(risky)}")
     threads = [threading.Thread(target=faults_of, args=(k,), daemon=True, name=k)
-               for k in KINDS]
+               for k in kinds]
     for t in threads:
         t.start()
     while elapsed() < duration:
         time.sleep(min(10.0, max(0.0, duration - elapsed())))
         with lock:
             log(f"  {elapsed():5.0f}s faults so far: "
-                + " ".join(f"{k}={report.faults[k]}" for k in KINDS))
+                + " ".join(f"{k}={report.faults[k]}" for k in kinds))
     stop.set()
     for t in threads:
         t.join(90)
@@ -295,12 +312,15 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         proxy.close()
     engine.dispose()
     found = check(direct_url, kafka, topic, committed, report.timeline, started_wall)
-    try:  # every topic left behind makes each later broker restart slower
-        admin = KafkaAdminClient(bootstrap_servers=kafka)
-        admin.delete_topics([topic])
-        admin.close()
-    except Exception as exc:
-        log(f"  could not delete topic {topic}: {first_line(exc)}")
+    if found.lost or found.phantom or found.order_violations:
+        log(f"  topic {topic} and database {db} kept as evidence")
+    else:
+        try:  # every topic left behind makes each later broker restart slower
+            admin = KafkaAdminClient(bootstrap_servers=kafka)
+            admin.delete_topics([topic])
+            admin.close()
+        except Exception as exc:
+            log(f"  could not delete topic {topic}: {first_line(exc)}")
     report.records_in_kafka = found.records
     report.lost, report.phantom = len(found.lost), len(found.phantom)
     report.order_violations = found.order_violations
@@ -327,12 +347,12 @@ def print_summary(report: Report) -> None:
     faults = Table(title=f"{title}: faults")
     for col in ("kind", "injected", "missed", "mean s", "max s", "floor"):
         faults.add_column(col, justify="left" if col == "kind" else "right")
-    for kind in KINDS:
+    for kind in report.kinds:
         st = _stats(report.fault_seconds.get(kind, []))
+        floor = report.floors.get(kind, 0)
         faults.add_row(kind, str(report.faults[kind]), str(report.missed[kind]),
                        str(st.get("mean", "-")), str(st.get("max", "-")),
-                       str(report.floor) + (" SHORT" if report.faults[kind] < report.floor
-                                            else ""))
+                       str(floor) + (" SHORT" if report.faults[kind] < floor else ""))
     table = Table(title=f"{title}: invariants")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -368,11 +388,17 @@ def main() -> int:
     parser.add_argument("--min-faults-per-10min", type=int, default=0, metavar="N",
                         help="fail unless every kind of fault hit N times per 600 s of run "
                              "(pro rata, rounded down); the schedule aims above it")
+    parser.add_argument("--kinds", default=",".join(KINDS), metavar="KIND,...",
+                        help="only these kinds of fault (default: all)")
     args = parser.parse_args()
     if args.duration <= 0 or args.min_faults_per_10min < 0:
         parser.error("--duration must be positive and --min-faults-per-10min not negative")
+    kinds = tuple(k for k in KINDS if k in args.kinds.split(","))
+    unknown = set(args.kinds.split(",")) - set(KINDS)
+    if unknown or not kinds:
+        parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
     report = run(args.seed, args.duration, unsafe=args.unsafe,
-                 min_per_10min=args.min_faults_per_10min)
+                 min_per_10min=args.min_faults_per_10min, kinds=kinds)
     print_summary(report)
     out = ROOT / "reports" / f"chaos-seed{args.seed}.json"
     out.write_text(json.dumps(report.as_dict(), indent=2))
@@ -380,7 +406,9 @@ def main() -> int:
     if report.violations:
         print(f"VIOLATIONS: {report.violations}  examples: {report.examples}")
     if report.short_of_floor:
-        print(f"too few faults of kinds {report.short_of_floor} (wanted {report.floor} each)")
+        print("too few faults of kinds "
+              + ", ".join(f"{k} ({report.faults[k]} < {report.floors[k]})"
+                          for k in report.short_of_floor))
     return 1 if report.violations or report.short_of_floor else 0
 
 

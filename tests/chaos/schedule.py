@@ -25,9 +25,11 @@ def floor_for(per_10min: int, duration: float) -> int:
     return math.floor(per_10min * duration / 600) if per_10min else 0
 
 
-def target_for(floor: int, duration: float) -> int:
-    """Aim above the floor (by a fifth), and at the nominal rate at least; 1 or more."""
-    return max(1, math.ceil(floor * 1.2), round(NOMINAL_PER_10MIN * duration / 600))
+def target_for(floor: int, duration: float, nominal: int = NOMINAL_PER_10MIN,
+               least: int = 1) -> int:
+    """Aim above the floor (by a fifth), at the nominal rate (per 600 s) at least, and at
+    `least` at least."""
+    return max(least, math.ceil(floor * 1.2), round(nominal * duration / 600))
 
 
 @dataclass

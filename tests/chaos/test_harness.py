@@ -21,7 +21,13 @@ from sqlalchemy.orm import sessionmaker
 from outbox import Outbox, _unsafe, migrate
 from outbox.dburl import libpq_url, sqlalchemy_url
 from tests.chaos.app import DDL, race
-from tests.chaos.proxy import KAFKA_PRODUCE, TcpProxy, kafka_api_keys, port_owners
+from tests.chaos.proxy import (
+    KAFKA_PRODUCE,
+    KafkaFrames,
+    TcpProxy,
+    kafka_api_keys,
+    port_owners,
+)
 from tests.chaos.schedule import KindSchedule, floor_for, target_for
 
 # -- the schedule ------------------------------------------------------------------------
@@ -96,6 +102,16 @@ def test_kafka_api_keys_reads_the_framing() -> None:
     assert kafka_api_keys(metadata + produce) == [3, 0]
     assert kafka_api_keys(metadata + produce[:7]) == [3, 0]  # the last one cut short
     assert kafka_api_keys(b"\x00\x00") == []
+
+
+def test_kafka_frames_are_followed_across_chunks() -> None:
+    produce = (10).to_bytes(4, "big") + (0).to_bytes(2, "big") + b"p" * 8
+    fetch = (7).to_bytes(4, "big") + (1).to_bytes(2, "big") + b"f" * 5
+    stream = fetch + produce + fetch + produce
+    for size in (1, 3, 5, 7, 100):
+        frames = KafkaFrames()
+        keys = [k for i in range(0, len(stream), size) for k in frames.feed(stream[i:i + size])]
+        assert keys == [1, 0, 1, 0], size
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
