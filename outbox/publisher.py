@@ -36,6 +36,14 @@ class NotSent(Exception):
     """The producer did not take the record (its buffer stayed full): not an attempt."""
 
 
+class SendsHalted(NotSent):
+    """Not sent: an earlier record failed, and the producer stopped sending so that no
+    later record could reach Kafka before it (per-key order). Not an attempt; the
+    producer is replaced and the shards resent from their first unacknowledged event."""
+
+    fatal = True
+
+
 def is_permanent(error: BaseException) -> bool:
     """The record will never be accepted: dead-letter it (once it is known to be the one)."""
     flag = getattr(error, "permanent", None)
@@ -43,17 +51,18 @@ def is_permanent(error: BaseException) -> bool:
 
 
 def is_attempt(error: BaseException) -> bool:
-    """Whether a failed send counts against the event's `max_attempts`."""
-    return not isinstance(error, NotSent)
+    """Whether a failed send counts against the event's `max_attempts`: not when the
+    record never reached Kafka, nor when the producer failed as a whole (fatal)."""
+    return not isinstance(error, NotSent) and not getattr(error, "fatal", False)
 
 
 def breaks_producer(error: BaseException) -> bool:
     """Whether the producer must be replaced after this error. Our own refusals
     (no metadata, full buffer) never reached Kafka, so they leave it intact."""
-    if isinstance(error, TopicUnavailable | NotSent):
-        return False
-    fatal = getattr(error, "fatal", None)  # librdkafka says so; kafka-python does not
-    return bool(fatal) if fatal is not None else True
+    fatal = getattr(error, "fatal", None)  # librdkafka says so, and SendsHalted
+    if fatal is not None:
+        return bool(fatal)
+    return not isinstance(error, TopicUnavailable | NotSent)
 
 
 class Delivery(Protocol):
@@ -129,6 +138,15 @@ class KafkaPublisher:
 
     kafka-python silently turns idempotence off when a conflicting option is given, so
     we check after construction that it is really on.
+
+    Fail-stop: when a batch fails, kafka-python's idempotent producer bumps its epoch and
+    goes on draining the records it still holds, so a record sent after the failed one
+    could reach Kafka first, and a key's order would break (the chaos suite caught it).
+    So the first failure stops the producer in kafka-python's own I/O thread, before its
+    next drain: every record not yet drained is aborted (SendsHalted), and send() refuses
+    until recover(). A lock keeps a send from slipping in between. This uses
+    `_accumulator.abort_undrained_batches`, which kafka-python has no public name for;
+    the tested version range is pinned, and the constructor checks it is there.
     """
 
     #: After a topic's metadata times out, later sends to it fail at once for this long,
@@ -143,6 +161,9 @@ class KafkaPublisher:
             raise ConfigError("the outbox's producer needs acks=all")
         self.settings = replace(settings, extra=extra)
         self._unavailable: dict[str, tuple[float, TopicUnavailable]] = {}
+        # Reentrant: a future that failed before its errback was added calls it at once.
+        self._lock = threading.RLock()
+        self._halted: SendsHalted | None = None
         self._producer = self._make_producer()
 
     def _make_producer(self) -> Any:
@@ -167,7 +188,22 @@ class KafkaPublisher:
         if not producer.config.get("enable_idempotence"):
             producer.close(timeout=1)
             raise RuntimeError("kafka-python disabled idempotence; check the producer options")
+        if not hasattr(getattr(producer, "_accumulator", None), "abort_undrained_batches"):
+            producer.close(timeout=1)
+            raise RuntimeError("this kafka-python version cannot stop a producer after a "
+                               "failed batch; install the tested range (see pyproject.toml)")
         return producer
+
+    def _on_failure(self, exc: BaseException) -> None:
+        """kafka-python's I/O thread, as a record fails, before it drains anything more."""
+        with self._lock:
+            if self._halted is not None:
+                return
+            self._halted = SendsHalted(f"an earlier record failed ({type(exc).__name__}); "
+                                       "sends stopped so that nothing overtakes it")
+            producer = self._producer
+        with contextlib.suppress(Exception):
+            producer._accumulator.abort_undrained_batches(self._halted)
 
     def recover(self) -> None:
         """Replace the producer: after a fatal error kafka-python fails every later send,
@@ -175,6 +211,8 @@ class KafkaPublisher:
         closed first, dropping what it still holds (the relay sends those again)."""
         close_producer(self._producer, timeout=0)
         self._producer = self._make_producer()  # may raise: Kafka down, the relay backs off
+        with self._lock:
+            self._halted = None
 
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
         quarantined = self._unavailable.get(topic)
@@ -183,8 +221,12 @@ class KafkaPublisher:
                 return _FailedDelivery(quarantined[1])
             del self._unavailable[topic]
         try:
-            return _KafkaDelivery(self._producer.send(topic, key=key, value=value,
-                                                      headers=headers))
+            with self._lock:
+                if self._halted is not None:
+                    return _FailedDelivery(self._halted)
+                future = self._producer.send(topic, key=key, value=value, headers=headers)
+                future.add_errback(self._on_failure)
+            return _KafkaDelivery(future)
         except Exception as exc:  # raised synchronously, e.g. size checks, closed producer
             from kafka.errors import KafkaTimeoutError
 
