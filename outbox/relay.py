@@ -29,12 +29,10 @@ from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
 from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError
-from outbox.event import kafka_headers
 from outbox.metrics import RelayMetrics
 from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
 from outbox.schema import DEFAULT_PREFIX, make_tables
 from outbox.store import Row, Store
-from outbox.writer import decode_headers
 
 log = logging.getLogger("outbox.relay")
 
@@ -231,8 +229,7 @@ class Relay:
         if not rows or rows[0].backing_off:
             return 0
         row = rows[0]
-        batch = [(row, publisher.send(row.topic, row.key.encode(), bytes(row.payload),
-                                      _headers(row)))]
+        batch = [(row, publisher.send(row.topic, row.key, row.value, row.headers))]
         crash_point("relay.after_send")
         self._await(conn, publisher, batch)
         broken = self._settle(conn, batch, {shard}, set())[1]
@@ -251,8 +248,7 @@ class Relay:
             if row.backing_off:  # the shard's head waits for its retry: the shard waits
                 blocked.add(row.shard)
                 continue
-            delivery = publisher.send(row.topic, row.key.encode(), bytes(row.payload),
-                                      _headers(row))
+            delivery = publisher.send(row.topic, row.key, row.value, row.headers)
             batch.append((row, delivery))
             if delivery.done() and delivery.error() is not None:
                 blocked.add(row.shard)  # refused at once: the rest would only be sent twice
@@ -322,7 +318,8 @@ class Relay:
                 self.store.dead_letter(conn, row.position, text)
                 self.metrics.dead_lettered()
                 log.error("relay %s: event %s (topic %s, key %r) dead-lettered: %s",
-                          self.relay_id, row.event_id, row.topic, row.key, text)
+                          self.relay_id, row.event_id, row.topic,
+                          row.key.decode(errors="replace"), text)
                 halted.add(row.shard)  # the next batch goes on after it
                 continue
             delay = jitter(min(self.config.retry_max, self.config.retry_base * 2 ** row.attempts))
@@ -467,16 +464,6 @@ def _raise_if_permanent(exc: BaseException) -> None:
     reason = permanent_reason(exc)
     if reason is not None:
         raise ConfigError(reason) from exc
-
-
-def _headers(row: Row) -> list[tuple[str, bytes]]:
-    return kafka_headers(
-        event_id=row.event_id, type=row.type, source=row.source,
-        occurred_at=row.occurred_at, content_type=row.content_type,
-        headers=decode_headers(row.headers),
-    )
-
-
 
 
 def _ranges(shards: list[int]) -> str:
