@@ -106,6 +106,9 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
         "compression.type": settings.compression_type or "none",
         "topic.metadata.propagation.max.ms": settings.max_block_ms,
         "queue.buffering.max.kbytes": 256 * 1024,
+        # kafka-python's and Java's partitioner: a key keeps its partition when a relay
+        # switches clients (librdkafka's own default, consistent_random, is CRC32).
+        "partitioner": "murmur2_random",
     }
     for key, value in settings.extra.items():
         config[key] = value
