@@ -1091,8 +1091,9 @@ class ConsumerRunner:
 
     def _close_dlq(self) -> None:
         if self._dlq is not None:
-            with contextlib.suppress(Exception):
-                self._dlq.close(timeout=2)
+            from outbox.publisher import close_producer
+
+            close_producer(self._dlq, timeout=2)  # closes it even with records pending
             self._dlq = None
 
     def _seek(self, tp: Any, offset: int) -> None:

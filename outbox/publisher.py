@@ -186,7 +186,9 @@ class KafkaPublisher:
             return _KafkaDelivery(self._producer.send(topic, key=key, value=value,
                                                       headers=headers))
         except Exception as exc:  # raised synchronously, e.g. size checks, closed producer
-            if type(exc).__name__ == "KafkaTimeoutError":
+            from kafka.errors import KafkaTimeoutError
+
+            if isinstance(exc, KafkaTimeoutError):
                 if "metadata" in str(exc):
                     error = TopicUnavailable(
                         f"no metadata for topic {topic!r} within "

@@ -39,7 +39,9 @@ log = logging.getLogger("outbox.relay")
 
 @dataclass
 class RelayConfig:
-    """How a relay runs; every field is also a CLI flag and an OUTBOX_* variable."""
+    """How a relay runs. `outbox relay` sets most fields from its flags (each with an
+    OUTBOX_* variable); retry_base, retry_max and shutdown_grace are Python-only, and
+    send_timeout follows --delivery-timeout-ms."""
 
     db_url: str
     table_prefix: str = DEFAULT_PREFIX
@@ -265,6 +267,10 @@ class Relay:
         """Send claimed rows in order, skipping each shard from a head that must wait."""
         batch: list[tuple[Row, Delivery]] = []
         blocked: set[int] = set()
+        # A send may block (on a topic's metadata) for up to max_block_ms; several such
+        # sends in a row must not leave the session idle past its lease.
+        heartbeat = self.config.lease_seconds / 3
+        touched = time.monotonic()
         for row in rows:
             if row.shard in blocked:
                 continue
@@ -275,6 +281,9 @@ class Relay:
             batch.append((row, delivery))
             if delivery.done() and delivery.error() is not None:
                 blocked.add(row.shard)  # refused at once: the rest would only be sent twice
+            if time.monotonic() - touched > heartbeat:
+                conn.execute("SELECT 1")
+                touched = time.monotonic()
         if batch and _unsafe.disabled("ack"):  # fault injection: forget them before the ack
             self.store.acknowledge(conn, [r.position for r, _ in batch], keep=False)
             log.debug("relay %s: UNSAFE: deleted %d events before Kafka acknowledged them",

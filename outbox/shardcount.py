@@ -74,6 +74,11 @@ def change(conn: Connection, tables: Tables, n: int) -> int:
             f"{pending} events are still pending: a key's later events would go to another "
             "shard than its queued ones, out of order. Let the relays drain the outbox, stop "
             "them, then change the count")
+    dead = conn.execute(text(f"SELECT count(*) FROM {tables.dead_letters.name}")).scalar_one()
+    if dead:
+        raise ConfigError(
+            f"{dead} dead letters keep their shard numbers under the current count: retry "
+            "them (and let the relays deliver them) or purge them first")
     current = read(conn, tables)
     _resize(conn, tables, current, n)
     return current

@@ -120,9 +120,8 @@ class Store:
             f"INSERT INTO {ev} (event_id, topic, key, type, payload, content_type, source, "
             "headers, occurred_at, shard) "
             "SELECT event_id, topic, key, type, payload, content_type, source, headers, "
-            # within the current shard count, should it have changed since (shardcount.py)
-            f"occurred_at, mod(shard, (SELECT count(*) FROM {sh})) FROM moved "
-            "ORDER BY occurred_at"
+            # (set-shards refuses while dead letters exist, so their shards stay valid)
+            "occurred_at, shard FROM moved ORDER BY occurred_at"
         )
         self._set_waiting = (
             f"UPDATE {sh} SET relay_waiting = %(waiting)s "

@@ -59,6 +59,8 @@ NotifyMode = Literal["auto", "always", "never"]
 
 # session.info key of the events waiting for the commit: {Outbox: [pending, ...]}
 _PENDING = "outbox.pending"
+# session.info key set while the commit hook writes the events (see _before_commit)
+_COMMITTING = "outbox.committing"
 _hooks_installed = False
 
 # The session each session factory has open in this context, so nested calls join it.
@@ -115,6 +117,7 @@ class Outbox:
         # None: the database's count (outbox.shardcount); given, it must agree with it.
         self.num_shards = num_shards
         self._checked: weakref.WeakSet[Any] = weakref.WeakSet()  # engines that agree
+        self._sqlite_counts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.notify = notify
         for what, text in (("source", source),
                            ("serializer.content_type", self.serializer.content_type)):
@@ -201,7 +204,8 @@ class Outbox:
         """Insert the transaction's events just before it commits (see the module doc)."""
         conn = session.connection()
         if conn.dialect.name != "postgresql":
-            n = self._shard_count(conn)
+            n = self._sqlite_counts.get(conn.engine) or self._shard_count(conn)
+            self._sqlite_counts[conn.engine] = n  # one process, no relay to change it
             conn.execute(self._insert, [self._row(p, n) for p in queue])
             return
         if conn.engine not in self._checked:
@@ -360,14 +364,25 @@ def _before_commit(session: Session) -> None:
     first, so that events published by flush hooks are written too and the key locks
     are taken after the domain statements.
     """
-    if not session.info.get(_PENDING) or session.in_nested_transaction():
+    if session.in_nested_transaction():
         return
-    session.flush()
-    boxes: dict[Outbox, list[_Pending]] | None = session.info.pop(_PENDING, None)
+    # Flush until clean, as SQLAlchemy's commit would right after this hook: an event a
+    # flush hook publishes is then still written, and the key locks come last.
+    for _ in range(100):
+        session.flush()
+        if not (session.new or session.dirty or session.deleted):
+            break
+    # From here on the events are being written: publish() refuses (never a silent loss).
+    session.info[_COMMITTING] = True
+    boxes: dict[Outbox, list[_Pending]] | None = session.info.get(_PENDING)
     if boxes:
-        for box, queue in boxes.items():
-            if queue:
-                box._write(session, queue)
+        # Outboxes in a fixed order (their lock namespaces), so two transactions that
+        # publish to two outboxes take the key locks in one order: no deadlock.
+        for box in sorted(boxes, key=lambda b: b.tables.lock_namespace):
+            if boxes[box]:
+                box._write(session, boxes[box])
+        # Only once every write succeeded: a commit retried after an error writes again.
+        session.info.pop(_PENDING, None)
 
 
 def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
@@ -388,6 +403,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     whatever it still holds will never be written. A savepoint's end is not decisive:
     released, its events join the enclosing transaction; rolled back, see above."""
     if transaction.parent is None:
+        session.info.pop(_COMMITTING, None)
         boxes: dict[Outbox, list[_Pending]] | None = session.info.get(_PENDING)
         if boxes:
             _drop_within(session, boxes, transaction)
@@ -518,6 +534,11 @@ def _session_of(session: object) -> Session:
 def _current_tx(session: Session) -> SessionTransaction:
     """The innermost transaction, begun as `Session.add()` begins it if there is none:
     an event always belongs to a transaction whose end the hooks see."""
+    if session.info.get(_COMMITTING):
+        raise InvalidSession(
+            "publish() during the commit, after the outbox wrote this transaction's "
+            "events (from a before_commit listener or a flush the commit triggered): "
+            "publish before commit(), or from a before_flush hook")
     tx = session.get_nested_transaction() or session.get_transaction()
     if tx is None:
         try:

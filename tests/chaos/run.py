@@ -295,6 +295,12 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         proxy.close()
     engine.dispose()
     found = check(direct_url, kafka, topic, committed, report.timeline, started_wall)
+    try:  # every topic left behind makes each later broker restart slower
+        admin = KafkaAdminClient(bootstrap_servers=kafka)
+        admin.delete_topics([topic])
+        admin.close()
+    except Exception as exc:
+        log(f"  could not delete topic {topic}: {first_line(exc)}")
     report.records_in_kafka = found.records
     report.lost, report.phantom = len(found.lost), len(found.phantom)
     report.order_violations = found.order_violations

@@ -134,3 +134,38 @@ def test_an_oversized_event_dead_letters_only_itself_across_shards(
         if event_id not in firsts[key]:
             firsts[key].append(event_id)
     assert dict(firsts) == dict(expected)  # nothing lost, each key in commit order
+
+
+def test_several_topics_without_metadata_never_cost_the_relay_its_session(
+    engine: sa.Engine, db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    """Each send may block max_block_ms; three in a row outlast the lease unless the relay
+    keeps its session alive between them."""
+    good = new_topic()
+    tag = uuid.uuid4().hex[:8]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(f"wedge{i}.{tag}", 1, 1) for i in range(3)])
+    admin.close()
+    box = Outbox()
+    keys = [k for k in (f"bad{i}" for i in range(100))]
+    chosen: dict[int, str] = {}
+    for k in keys:  # three poisoned keys in three different shards
+        chosen.setdefault(shard_of(k, 16), k)
+    bad_keys = list(chosen.values())[:3]
+    with Session(engine) as s, s.begin():
+        for i, key in enumerate(bad_keys):
+            box.publish(s, topic=f"wedge{i}_{tag}", key=key, type="Lost", payload={})
+        for i in range(30):
+            box.publish(s, topic=good, key=f"fine{i}", type="Fine", payload={})
+    config = RelayConfig(db_url=db_url, lease_seconds=4, max_attempts=2, retry_base=0.05,
+                         retry_max=0.1)
+    publisher = make_publisher("kafka-python", KafkaSettings(kafka_bootstrap,
+                                                             max_block_ms=2000))
+    relay = Relay(config, lambda: publisher)
+    deadline = time.monotonic() + 60
+    try:
+        while (_rows(engine) or len(_dead(engine)) < 3) and time.monotonic() < deadline:
+            relay.step(wait=False)  # a lost session would raise here
+    finally:
+        relay._close()
+    assert len(_dead(engine)) == 3 and _rows(engine) == []

@@ -147,3 +147,18 @@ def test_tables_without_a_count_are_a_clear_error_at_commit(empty_db_url: str) -
         assert stored_shards(engine) == []
     finally:
         engine.dispose()
+
+
+def test_set_shards_refuses_while_dead_letters_exist(engine: sa.Engine, db_url: str) -> None:
+    write(engine, 1)
+    with engine.begin() as c:  # as the relay does for an event Kafka refused
+        c.execute(sa.text(
+            "WITH moved AS (DELETE FROM outbox_events RETURNING *) INSERT INTO "
+            "outbox_dead_letters (position, event_id, topic, key, type, payload, "
+            "content_type, source, headers, occurred_at, shard, attempts, error, failed_at) "
+            "SELECT position, event_id, topic, key, type, payload, content_type, source, "
+            "headers, occurred_at, shard, attempts, 'refused', now() FROM moved"))
+    out = cli("db", "set-shards", "--db", db_url, "4")
+    assert out.returncode != 0 and "1 dead letters" in out.stderr, out.stderr
+    assert cli("dead-letters", "purge", "--all", "--db", db_url).returncode == 0
+    assert cli("db", "set-shards", "--db", db_url, "4").returncode == 0
