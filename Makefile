@@ -28,7 +28,9 @@ lint: .venv/.installed
 typecheck: .venv/.installed
 	.venv/bin/mypy
 
-## benchmarks: reported as ratios to a ceiling measured in the same run
+## benchmarks: every figure beside its ceiling measured in the same run, one table and
+## reports/ (bench.json, throughput.png, latency.png). BENCH="relay latency" picks some;
+## BENCH_STORAGE=0 skips the 3 fill-and-drain cycles of 1,000,000 events
 bench: .venv/.installed
 	$(WITH_STACK) $(PY) -m benchmarks $(BENCH)
 

@@ -1,92 +1,173 @@
-"""Commit-to-ack latency at a steady 200 events/s: one relay woken by NOTIFY, in the same
-process as the writer; the ack time is taken in the producer's delivery callback."""
+"""Commit-to-ack latency at a steady 1,000 and 5,000 events/s, for each client.
+
+One relay, woken by NOTIFY, runs in the same process as the writers (threads, paced to
+the rate). At 1,000/s each transaction publishes one event. One Python process on this
+2-core machine commits about 1,500 one-event transactions/s at best (the GIL; each
+costs ~0.7 ms of CPU), so at 5,000/s each transaction publishes 5 events (1,000
+transactions/s). The clock starts when the writer's commit returns
+and stops in the producer's delivery callback (kafka-python: the future's callback on
+its I/O thread; confluent: librdkafka's delivery report, served by the relay's flush).
+The first WARMUP seconds are not counted. Every latency goes to bench.json and the CDF.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
+from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
-from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.common import Result, drop_database, fresh_database
+from benchmarks.common import Result, database, key, seconds, topics
 from outbox import Outbox
 from outbox.event import KafkaHeaders
-from outbox.publisher import Delivery, KafkaPublisher, KafkaSettings
+from outbox.publisher import KafkaPublisher, KafkaSettings, Publisher
 from outbox.relay import Relay, RelayConfig
 
-RATE = 200
-SECONDS = 15
+RATES = (1_000, 5_000)
+WRITERS = {1_000: 4, 5_000: 4}  # threads: one commits about 700 transactions/s here
+PER_TX = {1_000: 1, 5_000: 5}  # events per transaction
+WARMUP = 2.0
+SECONDS = seconds(10.0)
+CLIENTS = ("kafka-python", "confluent")
 
 
-class TimedPublisher(KafkaPublisher):
-    """Records when Kafka acknowledged each event id."""
-
-    def __init__(self, settings: KafkaSettings) -> None:
-        super().__init__(settings)
-        self.acked: dict[str, float] = {}
-
-    def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders) -> Delivery:
-        eid = dict(headers)["ce_id"].decode()
-        future = self._producer.send(topic, key=key, value=value, headers=headers)
-        future.add_callback(lambda _meta: self.acked.__setitem__(eid, time.monotonic()))
-        from outbox.publisher import _KafkaDelivery
-
-        return _KafkaDelivery(future)
+def _event_id(headers: KafkaHeaders) -> str:
+    return next(v for n, v in headers if n == "ce_id").decode()
 
 
-def _percentile(values: list[float], p: float) -> float:
+class _Proxy:
+    """The client's producer, with a timing hook on its send; all else passes through."""
+
+    def __init__(self, inner: Any, acked: dict[str, float]) -> None:
+        self._inner = inner
+        self._acked = acked
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _TimedKafkaProducer(_Proxy):
+    def send(self, topic: str, *args: Any, headers: KafkaHeaders, **kw: Any) -> Any:
+        future = self._inner.send(topic, *args, headers=headers, **kw)
+        eid, acked = _event_id(headers), self._acked
+        future.add_callback(lambda _meta: acked.__setitem__(eid, time.monotonic()))
+        return future
+
+
+class _TimedConfluentProducer(_Proxy):
+    def produce(self, topic: str, *args: Any, on_delivery: Callable[[Any, Any], None],
+                headers: KafkaHeaders, **kw: Any) -> None:
+        eid, acked = _event_id(headers), self._acked
+
+        def report(error: Any, message: Any) -> None:
+            if error is None:
+                acked[eid] = time.monotonic()
+            on_delivery(error, message)
+
+        self._inner.produce(topic, *args, on_delivery=report, headers=headers, **kw)
+
+
+def timed_publisher(client: str, settings: KafkaSettings,
+                    acked: dict[str, float]) -> Publisher:
+    """The client's real Publisher; only its producer is wrapped, to note ack times."""
+    if client == "kafka-python":
+        class TimedKafka(KafkaPublisher):
+            def _make_producer(self) -> Any:
+                return _TimedKafkaProducer(super()._make_producer(), acked)
+
+        return TimedKafka(settings)
+    from outbox.confluent import ConfluentPublisher
+
+    class TimedConfluent(ConfluentPublisher):
+        def _make_producer(self) -> Any:
+            return _TimedConfluentProducer(super()._make_producer(), acked)
+
+    return TimedConfluent(settings)
+
+
+def percentile(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
-def run(db_url: str, kafka: str) -> list[Result]:
-    url = fresh_database(db_url)
-    topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka)
-    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
-    admin.close()
-    publisher = TimedPublisher(KafkaSettings(kafka, linger_ms=0))
+def measure(url: str, kafka: str, topic: str, client: str, rate: int
+            ) -> tuple[list[float], float, int]:
+    """(latencies in ms of the counted events, the rate reached, events not acked)."""
+    acked: dict[str, float] = {}
+    publisher = timed_publisher(client, KafkaSettings(kafka, linger_ms=0), acked)
     relay = Relay(RelayConfig(db_url=url, poll_interval=1.0), lambda: publisher)
-    thread = threading.Thread(target=relay.run)
-    thread.start()
-    engine = sa.create_engine(url)
+    runner = threading.Thread(target=relay.run, name="relay")
+    writers = WRITERS[rate]
+    engine = sa.create_engine(url, pool_size=writers)
     box = Outbox(notify="auto")
     factory = sessionmaker(engine)
     committed: dict[str, float] = {}
+    per = PER_TX[rate]
+    tx_rate = rate / per
+    total = int(tx_rate * (WARMUP + SECONDS))
 
     @box.transactional(factory)
-    def write(session: Session, i: int) -> str:
-        return str(box.publish(session, topic=topic, key=f"k{i % 50}", type="Tick",
-                               payload={"i": i}).id)
+    def write(session: Session, j: int) -> list[str]:
+        return [str(box.publish(session, topic=topic, key=key(i), type="OrderPlaced",
+                                payload={"id": i, "amount": 42, "currency": "EUR"}).id)
+                for i in range(j * per, (j + 1) * per)]
 
-    try:
-        time.sleep(3)  # let the relay take its shards and fall asleep
-        started = time.monotonic()
-        for i in range(RATE * SECONDS):
-            target = started + i / RATE
-            delay = target - time.monotonic()
+    def writer(w: int, started: float) -> None:
+        for j in range(w, total, writers):
+            delay = started + j / tx_rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            eid = write(i)
-            committed[eid] = time.monotonic()
-        deadline = time.monotonic() + 30
-        while len(publisher.acked) < len(committed) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            eids = write(j)
+            now = time.monotonic()
+            for eid in eids:
+                committed[eid] = now
+
+    runner.start()
+    try:
+        time.sleep(3)  # the relay takes its shards and falls asleep
+        started = time.monotonic()
+        threads = [threading.Thread(target=writer, args=(w, started)) for w in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ended = time.monotonic()
+        deadline = ended + 30
+        while len(acked) < len(committed) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         relay.stop()
-        thread.join(30)
+        runner.join(30)
         engine.dispose()
-        drop_database(db_url, url)
-    latencies = [(publisher.acked[e] - t) * 1000 for e, t in committed.items()
-                 if e in publisher.acked]
-    missing = len(committed) - len(latencies)
-    note = f"{len(latencies)} events" + (f", {missing} NOT ACKED" if missing else "")
-    return [
-        Result(f"latency: commit-to-ack p50 at {RATE}/s, NOTIFY", _percentile(latencies, 50),
-               "ms", note=note),
-        Result(f"latency: commit-to-ack p99 at {RATE}/s, NOTIFY", _percentile(latencies, 99),
-               "ms", note=note),
-    ]
+    counted = {e: t for e, t in committed.items() if t >= started + WARMUP}
+    latencies = [(acked[e] - t) * 1000 for e, t in counted.items() if e in acked]
+    reached = len(counted) / (ended - started - WARMUP)
+    return latencies, reached, len(counted) - len(latencies)
+
+
+def run(db_url: str, kafka: str) -> list[Result]:
+    results = []
+    with topics(kafka) as new:
+        for client in CLIENTS:
+            for rate in RATES:
+                with database(db_url) as url:
+                    latencies, reached, missing = measure(url, kafka, new("latency"),
+                                                          client, rate)
+                if not latencies:
+                    raise RuntimeError(f"latency {client} {rate}/s: no event acknowledged")
+                note = (f"reached {reached:,.0f}/s, {PER_TX[rate]} per tx, {WRITERS[rate]} "
+                        f"writer threads, {len(latencies):,} events, linger.ms=0")
+                if missing:
+                    note += f", {missing} NOT ACKED in 30s"
+                label = f"commit-to-ack, {client}, {rate:,}/s"
+                print(f"   {label}: p50 {percentile(latencies, 50):.1f} ms, "
+                      f"p99 {percentile(latencies, 99):.1f} ms ({note})", flush=True)
+                results.append(Result(f"{label}, p50", percentile(latencies, 50), "ms",
+                                      note=note, samples=latencies))
+                results.append(Result(
+                    f"{label}, p99", percentile(latencies, 99), "ms", note=note,
+                    target=("<=", 10.0) if (client, rate) == ("confluent", 1_000) else None))
+    return results

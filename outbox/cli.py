@@ -211,19 +211,37 @@ kafka_option = click.option(
               type=click.IntRange(1, 65535), help="Serve /metrics and /healthz on this port.")
 @metrics_host_option
 @click.option("--relay-id", envvar="OUTBOX_RELAY_ID", default=None, show_envvar=True)
+@click.option("--client", envvar="OUTBOX_KAFKA_CLIENT", default="kafka-python",
+              show_default=True, show_envvar=True,
+              type=click.Choice(["kafka-python", "confluent"]),
+              help="Kafka client: kafka-python (pure Python), or confluent (librdkafka, the "
+                   "[confluent] extra; many times the throughput).")
+@click.option("--kafka-option", "kafka_options", envvar="OUTBOX_KAFKA_OPTIONS", multiple=True,
+              show_envvar=True, metavar="KEY=VALUE",
+              help="A producer setting passed to the client as it spells it (repeatable; "
+                   "e.g. security.protocol=SASL_SSL for confluent, security_protocol=SASL_SSL "
+                   "for kafka-python). Idempotence and acks=all cannot be turned off.")
 def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, batch_size: int,
           poll_interval: float, lease_seconds: float, max_attempts: int,
           retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
           delivery_timeout_ms: int, compression: str | None, metrics_port: int | None,
-          metrics_host: str, relay_id: str | None) -> None:
+          metrics_host: str, relay_id: str | None, client: str,
+          kafka_options: tuple[str, ...]) -> None:
     """Run a relay worker: publish the outbox to Kafka until SIGTERM."""
     from outbox.metrics import RelayMetrics
-    from outbox.publisher import KafkaPublisher, KafkaSettings
+    from outbox.publisher import KafkaSettings, make_publisher, parse_options
     from outbox.relay import Relay, RelayConfig
 
     _check_relay_settings(poll_interval, lease_seconds, linger_ms, delivery_timeout_ms,
                           kafka_batch_bytes)
-    _check_compression(compression)
+    try:
+        extra = parse_options(kafka_options, client)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if client == "confluent":
+        _check_confluent()
+    else:
+        _check_compression(compression)
     registry = _metrics_registry(metrics_port)
     _preflight(db_url, table_prefix, "relay")
 
@@ -232,7 +250,7 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
         delivery_timeout_ms=delivery_timeout_ms,
         request_timeout_ms=min(30_000, delivery_timeout_ms - linger_ms),
         # A send blocked on a topic's metadata must not outlast the relay's lease.
-        max_block_ms=int(min(5.0, lease_seconds / 2) * 1000),
+        max_block_ms=int(min(5.0, lease_seconds / 2) * 1000), extra=extra,
     )
     config = RelayConfig(
         db_url=db_url, table_prefix=table_prefix, num_shards=num_shards,
@@ -240,7 +258,7 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
         max_attempts=max_attempts, retention_seconds=retention_seconds, relay_id=relay_id,
         send_timeout=delivery_timeout_ms / 1000 + 10,
     )
-    worker = Relay(config, lambda: KafkaPublisher(settings), RelayMetrics(registry))
+    worker = Relay(config, lambda: make_publisher(client, settings), RelayMetrics(registry))
     if metrics_port:
         _serve_metrics(metrics_port, metrics_host, registry, worker.healthy)
     worker.install_signal_handlers()
@@ -494,6 +512,16 @@ def _check_relay_settings(poll_interval: float, lease_seconds: float, linger_ms:
         raise click.UsageError(
             f"--kafka-batch-bytes ({kafka_batch_bytes}) must not exceed the producer's "
             f"largest request ({max_request} bytes)")
+
+
+def _check_confluent() -> None:
+    """`--client confluent` without the extra installed: say how to get it."""
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "--client confluent needs the confluent-kafka package: "
+            "pip install 'transactional-outbox[confluent]'") from None
 
 
 def _check_compression(codec: str | None) -> None:

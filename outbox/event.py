@@ -25,6 +25,7 @@ from outbox.errors import (
 )
 
 SPEC_VERSION = "1.0"
+SPEC_HEADER, SPEC_VALUE = "ce_specversion", SPEC_VERSION.encode()
 ID_HEADER = "ce_id"
 DEFAULT_SOURCE = "transactional-outbox"
 
@@ -303,7 +304,7 @@ def kafka_headers(
 ) -> KafkaHeaders:
     """CloudEvents binary-mode headers, then the user's own."""
     out: KafkaHeaders = [
-        ("ce_specversion", b"1.0"),
+        (SPEC_HEADER, SPEC_VALUE),
         ("ce_id", str(event_id).encode()),
         ("ce_type", type.encode()),
         ("ce_source", source.encode()),
@@ -315,11 +316,19 @@ def kafka_headers(
     return out
 
 
+def stored_to_kafka_headers(stored: Mapping[str, Any]) -> KafkaHeaders:
+    """User headers as the outbox table stores them (JSON: str as is, bytes as
+    {"b": hex}; see writer.encode_headers) to Kafka's (name, bytes) pairs."""
+    return [(n, bytes.fromhex(v["b"]) if isinstance(v, dict) else v.encode())
+            for n, v in stored.items()]
+
+
 def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with a `Z`, as CloudEvents wants."""
+    """RFC 3339 in UTC with microseconds and a `Z`, as CloudEvents wants. The relay has
+    PostgreSQL format it the same way (store.CE_TIME_SQL); a test keeps them equal."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> datetime:

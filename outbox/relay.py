@@ -29,12 +29,10 @@ from outbox.backoff import Throttled, first_line, jitter
 from outbox.dburl import libpq_url, mask
 from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError
-from outbox.event import kafka_headers
 from outbox.metrics import RelayMetrics
 from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
 from outbox.schema import DEFAULT_PREFIX, make_tables
 from outbox.store import Row, Store
-from outbox.writer import decode_headers
 
 log = logging.getLogger("outbox.relay")
 
@@ -62,6 +60,9 @@ class RelayConfig:
     # above the producer's delivery timeout (120 s by default).
     send_timeout: float = 130.0
     relay_id: str | None = None
+    # How often a claim starts from a shard's beginning rather than its cursor: the
+    # longest an event committed late (with a lower position) can wait. See _claim_from.
+    rescan_interval: float = 1.0
 
 
 class Relay:
@@ -86,6 +87,8 @@ class Relay:
         self._next_purge = 0.0
         self._throttle = Throttled(log)
         self._isolate: set[int] = set()  # suspect shards (see _isolated_cycle)
+        self._cursor: dict[int, int] = {}  # shard -> last acknowledged position
+        self._next_rescan = 0.0
         self.published = 0
 
     # -- control ----------------------------------------------------------------------
@@ -182,7 +185,7 @@ class Relay:
         if naive:
             rows = self.store.claim_skip_locked(conn, min(per_shard, 100))
         else:
-            rows = self.store.claim(conn, shards, per_shard)
+            rows = self.store.claim(conn, shards, per_shard, self._claim_from(shards))
         if not rows:
             self.metrics.backlog_empty()
             return 0
@@ -218,6 +221,24 @@ class Relay:
                   len(first), len(second), published, time.monotonic() - started)
         return len(first) + len(second)
 
+    def _claim_from(self, shards: list[int]) -> list[int]:
+        """Where each shard's claim starts: after its last acknowledged event.
+
+        Deleted events leave dead entries in the pending index until VACUUM; a claim
+        from the start of a shard walks all of them, and gets slower as a backlog
+        drains. Starting after the acknowledged prefix skips them. But positions are
+        drawn just before commit, so a transaction that commits late can add a position
+        below a cursor; every `rescan_interval` the claim starts from the beginning
+        again, so such an event waits at most that long. Its key's order is safe: a
+        later event of the same key waits on the key's lock until it commits
+        (docs/design.md, "Write-time ordering").
+        """
+        now = time.monotonic()
+        if now >= self._next_rescan:
+            self._next_rescan = now + self.config.rescan_interval
+            return [0] * len(shards)
+        return [self._cursor.get(s, 0) for s in shards]
+
     def _isolated_cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
         """Send the head of one suspect shard entirely alone, with nothing else in flight.
 
@@ -233,8 +254,7 @@ class Relay:
         if not rows or rows[0].backing_off:
             return 0
         row = rows[0]
-        batch = [(row, publisher.send(row.topic, row.key.encode(), bytes(row.payload),
-                                      _headers(row)))]
+        batch = [(row, publisher.send(row.topic, row.key, row.value, row.headers))]
         crash_point("relay.after_send")
         self._await(conn, publisher, batch)
         broken = self._settle(conn, batch, {shard}, set())[1]
@@ -257,8 +277,7 @@ class Relay:
             if row.backing_off:  # the shard's head waits for its retry: the shard waits
                 blocked.add(row.shard)
                 continue
-            delivery = publisher.send(row.topic, row.key.encode(), bytes(row.payload),
-                                      _headers(row))
+            delivery = publisher.send(row.topic, row.key, row.value, row.headers)
             batch.append((row, delivery))
             if delivery.done() and delivery.error() is not None:
                 blocked.add(row.shard)  # refused at once: the rest would only be sent twice
@@ -307,6 +326,7 @@ class Relay:
         the number acknowledged and whether the producer must be replaced.
         """
         acked: list[int] = []
+        cursor = self._cursor
         broken = False
         for row, delivery in batch:
             if row.shard in halted:
@@ -317,6 +337,7 @@ class Relay:
             error = delivery.error()
             if error is None:
                 acked.append(row.position)
+                cursor[row.shard] = row.position  # the shard's acknowledged prefix so far
                 continue
             broken |= breaks_producer(error)
             text = f"{type(error).__name__}: {error}"
@@ -331,7 +352,8 @@ class Relay:
                 self.store.dead_letter(conn, row.position, text)
                 self.metrics.dead_lettered()
                 log.error("relay %s: event %s (topic %s, key %r) dead-lettered: %s",
-                          self.relay_id, row.event_id, row.topic, row.key, text)
+                          self.relay_id, row.event_id, row.topic,
+                          row.key.decode(errors="replace"), text)
                 halted.add(row.shard)  # the next batch goes on after it
                 continue
             delay = jitter(min(self.config.retry_max, self.config.retry_base * 2 ** row.attempts))
@@ -368,6 +390,7 @@ class Relay:
         for shard in sorted(self._owned, reverse=True)[: max(0, len(self._owned) - target)]:
             self.store.release(conn, shard)
             self._owned.discard(shard)
+            self._cursor.pop(shard, None)
         start = idx * n // len(live)
         for i in range(n):
             if len(self._owned) >= target:
@@ -446,6 +469,7 @@ class Relay:
 
     def _drop_connection(self) -> None:
         self._owned = set()
+        self._cursor.clear()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -476,16 +500,6 @@ def _raise_if_permanent(exc: BaseException) -> None:
     reason = permanent_reason(exc)
     if reason is not None:
         raise ConfigError(reason) from exc
-
-
-def _headers(row: Row) -> list[tuple[str, bytes]]:
-    return kafka_headers(
-        event_id=row.event_id, type=row.type, source=row.source,
-        occurred_at=row.occurred_at, content_type=row.content_type,
-        headers=decode_headers(row.headers),
-    )
-
-
 
 
 def _ranges(shards: list[int]) -> str:

@@ -7,13 +7,12 @@ prefix (schema.validate_prefix), so formatting them in is safe.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.rows import dict_row
 
+from outbox.event import SPEC_HEADER, SPEC_VALUE, KafkaHeaders, stored_to_kafka_headers
 from outbox.schema import Tables
 
 # Second key of the advisory lock every live relay holds shared: "I am a relay".
@@ -30,23 +29,46 @@ def relay_namespace(tables: Tables) -> int:
     return tables.lock_namespace ^ 0x2B1D3C4F
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One pending event as the relay claims it."""
+# ce_time exactly as event.format_time writes it.
+CE_TIME_SQL = "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+# What the relay claims: routing columns, then the record as Kafka takes it, encoded by
+# PostgreSQL (bytea, read in binary: no decoding or formatting per event in Python).
+CLAIM_COLUMNS = (
+    "position, shard, attempts, topic, convert_to(key, 'UTF8') AS k, payload, "
+    "convert_to(event_id::text, 'UTF8') AS id, convert_to(type, 'UTF8') AS ty, "
+    f"convert_to(source, 'UTF8') AS src, convert_to({CE_TIME_SQL}, 'UTF8') AS tm, "
+    "convert_to(content_type, 'UTF8') AS ct, headers"
+)
+
+
+class Row(NamedTuple):
+    """One pending event as the relay claims it: ready to send as it is."""
 
     position: int
-    event_id: uuid.UUID
-    topic: str
-    key: str
-    type: str
-    payload: bytes
-    content_type: str
-    source: str
-    headers: dict[str, Any] | None
-    occurred_at: datetime
     shard: int
     attempts: int
     backing_off: bool
+    topic: str
+    key: bytes
+    value: bytes
+    headers: KafkaHeaders
+
+    @property
+    def event_id(self) -> str:
+        return self.headers[1][1].decode()
+
+
+def _rows(cur: Any) -> list[Row]:
+    """Rows of a claim (CLAIM_COLUMNS, then backing_off) with their CloudEvents headers."""
+    out = []
+    for pos, shard, attempts, topic, key, value, eid, typ, src, tm, ct, user, waits in cur:
+        headers = [(SPEC_HEADER, SPEC_VALUE), ("ce_id", eid), ("ce_type", typ),
+                   ("ce_source", src), ("ce_time", tm), ("content-type", ct)]
+        if user:
+            headers.extend(stored_to_kafka_headers(user))
+        out.append(Row(pos, shard, attempts, waits, topic, key, value, headers))
+    return out
 
 
 class Store:
@@ -58,16 +80,16 @@ class Store:
                           tables.shards.name, tables.inbox.name)
         self.relay_ns = relay_namespace(tables)
         self._claim = (
-            f"SELECT e.{EVENT_COLUMNS.replace(', ', ', e.')}, "
-            "(e.next_attempt_at IS NOT NULL AND e.next_attempt_at > now()) AS backing_off "
-            "FROM unnest(%(shards)s::int[], %(after)s::bigint[]) AS s(shard, after) "
-            f"CROSS JOIN LATERAL (SELECT * FROM {ev} "
+            "SELECT e.* FROM unnest(%(shards)s::int[], %(after)s::bigint[]) AS s(shard, after) "
+            f"CROSS JOIN LATERAL (SELECT {CLAIM_COLUMNS}, "
+            "(next_attempt_at IS NOT NULL AND next_attempt_at > now()) AS waits "
+            f"FROM {ev} "
             "  WHERE shard = s.shard AND published_at IS NULL AND position > s.after "
             "  ORDER BY position LIMIT %(per_shard)s) e "
             "ORDER BY e.shard, e.position"
         )
         self._claim_skip_locked = (
-            f"SELECT {EVENT_COLUMNS}, false FROM {ev} WHERE published_at IS NULL "
+            f"SELECT {CLAIM_COLUMNS}, false FROM {ev} WHERE published_at IS NULL "
             "ORDER BY position LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
         )
         self._delete = f"DELETE FROM {ev} WHERE position = ANY(%(positions)s)"
@@ -187,8 +209,8 @@ class Store:
         in flight, if given), in position order. No row locks: shard ownership already
         makes this relay the only one reading these shards."""
         cur = conn.execute(self._claim, {"shards": shards, "per_shard": per_shard,
-                                         "after": after or [0] * len(shards)})
-        return [Row(*r) for r in cur]
+                                         "after": after or [0] * len(shards)}, binary=True)
+        return _rows(cur)
 
     def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
         """The naive claim, for fault injection only (`OUTBOX_UNSAFE_DISABLE=shards`):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from outbox.publisher import CLIENTS
 from tests.integration.procs import (
     RelayProcess,
     Writer,
@@ -27,9 +28,13 @@ from tests.integration.procs import (
 )
 
 
-@pytest.fixture
-def relays(db_url: str, kafka_bootstrap: str, tmp_path: Path) -> Iterator[list[RelayProcess]]:
-    procs = [RelayProcess(db_url, kafka_bootstrap, tmp_path, f"relay-{i}") for i in range(3)]
+@pytest.fixture(params=CLIENTS)
+def relays(db_url: str, kafka_bootstrap: str, tmp_path: Path,
+           request: pytest.FixtureRequest) -> Iterator[list[RelayProcess]]:
+    """Three `outbox relay` processes, with each Kafka client in turn (one contract)."""
+    env = {"OUTBOX_KAFKA_CLIENT": request.param}
+    procs = [RelayProcess(db_url, kafka_bootstrap, tmp_path, f"relay-{i}", extra_env=env)
+             for i in range(3)]
     yield procs
     for p in procs:
         if p.alive():

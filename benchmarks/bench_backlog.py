@@ -1,0 +1,134 @@
+"""No slowdown as the backlog grows, and storage that stays bounded (confluent client).
+
+- The drain rate of one relay at 20,000 pending (median of 3, each in a fresh database)
+  and at 1,000,000 pending; the 1M rate is reported as a ratio to the 20k rate.
+- With BENCH_STORAGE=1 (the default), three fill-and-drain cycles of 1,000,000 events
+  on one table with autovacuum at the server's settings (printed): the table's size
+  with its indexes after each drain, and what autovacuum had done by then. Cycle 1 is
+  also the 1M drain above. With BENCH_STORAGE=0 only cycle 1 runs.
+
+Backlogs are filled with COPY, on top of whatever the previous cycle left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import psycopg
+
+from benchmarks.common import Result, close, database, drain, fill, relay_for, sized, topics
+from outbox.dburl import libpq_url
+
+SMALL = sized(20_000)
+LARGE = sized(1_000_000)
+REPEATS = 3
+CLIENT = "confluent"
+AUTOVACUUM = ("autovacuum", "autovacuum_naptime", "autovacuum_vacuum_threshold",
+              "autovacuum_vacuum_scale_factor", "autovacuum_vacuum_insert_threshold",
+              "autovacuum_vacuum_cost_delay", "autovacuum_vacuum_cost_limit")
+
+
+def _cycles() -> int:
+    return 3 if os.environ.get("BENCH_STORAGE", "1") not in ("0", "", "false", "no") else 1
+
+
+def _settings(url: str) -> str:
+    with psycopg.connect(libpq_url(url)) as conn:
+        return ", ".join(f"{name.removeprefix('autovacuum_') or name}="
+                         f"{conn.execute(f'SHOW {name}').fetchone()[0]}"  # type: ignore
+                         for name in AUTOVACUUM)
+
+
+def _storage(url: str) -> dict[str, Any]:
+    """Size of outbox_events (table, indexes, total) and its vacuum statistics."""
+    # The relay's backend, now idle, flushes its table statistics within 10 s.
+    time.sleep(11.0)
+    with psycopg.connect(libpq_url(url)) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT pg_total_relation_size('outbox_events'), "
+            "pg_relation_size('outbox_events'), pg_indexes_size('outbox_events'), "
+            "n_live_tup, n_dead_tup, last_autovacuum, autovacuum_count, vacuum_count "
+            "FROM pg_stat_user_tables WHERE relname = 'outbox_events'").fetchone()
+    assert row is not None
+    names = ("total", "table", "indexes", "n_live_tup", "n_dead_tup", "last_autovacuum",
+             "autovacuum_count", "vacuum_count")
+    return dict(zip(names, row, strict=True))
+
+
+def _mb(size: int) -> float:
+    return size / 2**20
+
+
+def _describe(s: dict[str, Any]) -> str:
+    last = s["last_autovacuum"]
+    return (f"{_mb(s['total']):.1f} MB (table {_mb(s['table']):.1f}, indexes "
+            f"{_mb(s['indexes']):.1f}); n_live_tup {s['n_live_tup']:,}, n_dead_tup "
+            f"{s['n_dead_tup']:,}, autovacuum_count {s['autovacuum_count']}, last_autovacuum "
+            f"{last.strftime('%H:%M:%S') if last else 'never'}")
+
+
+def small_rate(db_url: str, kafka: str, topic: str) -> tuple[float, list[float]]:
+    rates = []
+    for _ in range(REPEATS):
+        with database(db_url) as url:
+            relay = relay_for(url, kafka, CLIENT, topic)
+            try:
+                fill(url, topic, SMALL)
+                rates.append(drain(relay, SMALL))
+            finally:
+                close(relay)
+    return statistics.median(rates), rates
+
+
+def cycles(db_url: str, kafka: str, topic: str, n: int) -> list[tuple[float, dict[str, Any]]]:
+    """n fill-and-drain cycles of LARGE events on one table: (drain rate, storage) each."""
+    out = []
+    with database(db_url) as url:
+        print(f"   autovacuum: {_settings(url)}", flush=True)
+        relay = relay_for(url, kafka, CLIENT, topic)
+        try:
+            for cycle in range(1, n + 1):
+                filled = fill(url, topic, LARGE, start=(cycle - 1) * LARGE)
+                rate = drain(relay, LARGE)
+                storage = _storage(url)
+                print(f"   cycle {cycle}: filled in {filled:.0f}s, drained at {rate:,.0f}/s; "
+                      f"{_describe(storage)}", flush=True)
+                out.append((rate, storage))
+        finally:
+            close(relay)
+    return out
+
+
+def run(db_url: str, kafka: str) -> list[Result]:
+    with topics(kafka) as new:
+        topic = new("backlog")
+        small, rates = small_rate(db_url, kafka, topic)
+        done = cycles(db_url, kafka, topic, _cycles())
+    large = done[0][0]
+    results = [
+        Result(f"drain, {SMALL:,} pending", small, "events/s",
+               note=f"{CLIENT}, median of {', '.join(f'{r:,.0f}' for r in rates)}"),
+        Result(f"drain, {LARGE:,} pending", large, "events/s", f"drain at {SMALL:,} pending",
+               small, note=f"rate({SMALL // 1000}k) / rate({LARGE // 1000}k) = "
+               f"{small / large:.2f} (target <= 1.2)", target=(">=", 1 / 1.2)),
+    ]
+    first = done[0][1]["total"]
+    for cycle, (rate, storage) in enumerate(done, start=1):
+        note = (f"drained at {rate:,.0f}/s; dead {storage['n_dead_tup']:,}, "
+                f"autovacuums {storage['autovacuum_count']}")
+        if cycle == 1:
+            results.append(Result("outbox_events + indexes after cycle 1", _mb(first), "MB",
+                                  note=note))
+        else:
+            last = cycle == len(done)
+            results.append(Result(
+                f"outbox_events + indexes after cycle {cycle}", _mb(storage["total"]), "MB",
+                "after cycle 1", _mb(first),
+                note=note + (f"; cycle {cycle} <= cycle 1: "
+                             f"{'yes' if storage['total'] <= first else 'NO'}" if last else ""),
+                target=("<=", 1.0) if last else None))
+    return results
