@@ -38,11 +38,12 @@ bench: .venv/.installed
 demo: .venv/.installed
 	$(WITH_STACK) $(PY) -m examples.demo $(DEMO)
 
-## the long chaos run: make chaos SEED=1 DURATION=600 [UNSAFE=ack|ordering|dedupe|shards]
+## the long chaos run: make chaos SEED=1 DURATION=600 [UNSAFE=ack|ordering|dedupe|shards] [CLIENT=confluent]
 SEED ?= 1
 DURATION ?= 600
+CLIENT ?= kafka-python
 chaos: .venv/.installed
-	$(WITH_STACK) $(PY) -m tests.chaos.run --seed $(SEED) --duration $(DURATION) \
+	$(WITH_STACK) OUTBOX_KAFKA_CLIENT=$(CLIENT) $(PY) -m tests.chaos.run --seed $(SEED) --duration $(DURATION) \
 		--min-faults-per-10min 50 $(if $(UNSAFE),--unsafe $(UNSAFE))
 
 stack-up:
