@@ -22,11 +22,11 @@ aimed at the window one safety mechanism closes, so removing that mechanism
                        the relays held back until both committed: without `ordering`
                        (an event's place fixed at publish(), not at commit), out of order.
 
-A window fault aims at a moment when the servers it needs are up (a broker kill or a
-database restart in progress ends with its server back), and no new random fault starts
-while it aims; the aiming is short and bounded, and the rest (restarting the crashed
-process, the stalled relay's sleep) overlaps everything else. One window fault aims at
-a time (they would spoil each other's aim); random faults overlap each other freely. A
+A window fault takes its turn (one at a time: they would spoil each other's aim): new
+broker kills and database restarts wait until the servers it needs are up (one in
+progress ends with its server back), then no new random fault starts while it aims. The
+aiming is short and bounded; the rest (restarting the crashed process, the stalled
+relay's sleep) overlaps everything else. Random faults overlap each other freely. A
 fault counts only when it hit its window (the crash point was reached, a send was in
 flight, both transactions committed); a window fault that misses aims again, up to 3
 times.
@@ -60,6 +60,7 @@ RANDOM_KINDS = ("relay_kill", "consumer_kill", "relay_pause", "kafka_kill", "pg_
 WINDOW_KINDS = ("window_send_crash", "window_inflight_kill", "window_ack_crash",
                 "window_commit_crash", "window_inflight_stall", "window_order_race")
 KINDS = RANDOM_KINDS + WINDOW_KINDS
+SERVER_KINDS = ("kafka_kill", "pg_restart")  # held back while a window fault waits for them
 
 # Seconds a fault of each kind is expected to take, until the run has measured it.
 PRIOR_SECONDS = {
@@ -80,39 +81,42 @@ HOLD_IN_PRODUCER = ["--linger-ms", "5000", "--delivery-timeout-ms", "40000"]
 
 
 class Gate:
-    """Random faults pass together; while a window fault aims, new ones wait. One window
-    fault aims at a time."""
+    """Who may start now. One window fault at a time has its turn: first new server faults
+    (broker kill, database restart) wait, until the servers it needs are up; then, while
+    it aims, every new random fault waits. Random faults otherwise run together."""
+
+    FREE, SERVERS_HELD, ALL_HELD = 0, 1, 2
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._aiming = False
-        self._running = 0  # random faults under way
+        self._turn = False
+        self._level = self.FREE
         self.on_aim: Callable[[], None] = lambda: None
 
     @contextlib.contextmanager
-    def random_fault(self) -> Iterator[None]:
+    def random_fault(self, server: bool) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._aiming)
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+            self._cond.wait_for(lambda: self._level == self.FREE or (
+                self._level == self.SERVERS_HELD and not server))
+        yield
 
     @contextlib.contextmanager
-    def aiming(self) -> Iterator[None]:
+    def turn(self) -> Iterator[Callable[[], None]]:
+        """A window fault's turn; call the function it yields when it starts to aim."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._aiming)
-            self._aiming = True
-        self.on_aim()
+            self._cond.wait_for(lambda: not self._turn)
+            self._turn, self._level = True, self.SERVERS_HELD
         try:
-            yield
+            yield self._aim
         finally:
             with self._cond:
-                self._aiming = False
+                self._turn, self._level = False, self.FREE
                 self._cond.notify_all()
+
+    def _aim(self) -> None:
+        with self._cond:
+            self._level = self.ALL_HELD
+        self.on_aim()
 
 
 class Proc:
@@ -260,7 +264,7 @@ class Faults:
     def inject(self, kind: str, rng: random.Random) -> tuple[bool, str]:
         method: Callable[[random.Random], tuple[bool, str]] = getattr(self, kind)
         if kind not in WINDOW_KINDS:
-            with self.gate.random_fault():
+            with self.gate.random_fault(server=kind in SERVER_KINDS):
                 self.trace("start")
                 hit, detail = method(rng)
                 self.trace(f"end {detail}")
@@ -311,7 +315,7 @@ class Faults:
         self.kafka_up.clear()
         with contextlib.suppress(subprocess.CalledProcessError):
             stack("kafka-kill")  # fails when not running (an earlier start failed)
-        time.sleep(rng.uniform(0, 1))
+        time.sleep(rng.uniform(0, 0.5))
         stack("kafka-start")
         self.kafka_up.set()
         return True, ""
@@ -363,10 +367,8 @@ class Faults:
         key = f"race-{self._races}"
         unsafe = _unsafe.disable("ordering") if self.unsafe == "ordering" \
             else contextlib.nullcontext()
-        if not self._up(self.pg_up):
-            return False, "PostgreSQL down"
-        with self.gate.aiming():
-            if not self._up(self.pg_up, 10):
+        with self._aim(self.pg_up) as ready:
+            if not ready:
                 return False, "PostgreSQL down"
             self.pg_proxy.hold()  # relays see neither commit until both are done
             try:
@@ -380,13 +382,14 @@ class Faults:
                   args: list[str] | None = None, wait: float = 10.0) -> tuple[bool, str]:
         """Restart one of `procs` armed to exit at crash point `point`, wait for that exit,
         restart it unarmed. A hit when it exited there (code 86)."""
-        if not (self._up(self.kafka_up) and self._up(self.pg_up)):
-            return False, "servers down"
-        with self.gate.aiming():
-            if not (self._up(self.kafka_up, 10) and self._up(self.pg_up, 10)):
+        with self._aim(self.kafka_up, self.pg_up) as ready:
+            if not ready:
                 return False, "servers down"
             with self._free(procs, rng) as p:
-                p.stop(timeout=5)
+                if p in self.relays:
+                    p.kill()  # at once; a relay holds nothing a successor must wait for
+                else:
+                    p.stop(timeout=5)  # a consumer leaves its group: no session to expire
                 p.start(env={"OUTBOX_FAULT_CRASH": f"{point}:1"}, args=args)
                 deadline = time.monotonic() + wait
                 code = p.wait_exit(0.2)
@@ -403,16 +406,14 @@ class Faults:
         others go on. The killed relay is restarted; the stopped one resumes after its
         lease has expired, the others having sent its events and later ones meanwhile."""
         proxy = self.kafka_proxy
-        if not (self._up(self.kafka_up) and self._up(self.pg_up) and self._producing()):
-            return False, "relays not sending"
-        with self.gate.aiming():
-            if not (self._up(self.kafka_up, 10) and self._up(self.pg_up, 10)):
-                return False, "servers down"
+        with self._aim(self.kafka_up, self.pg_up, producing=True) as ready:
+            if not ready:
+                return False, "servers down or relays not sending"
             proxy.hold()
             try:
-                victim = self._relay_with_send_held(rng, timeout=5.0)
+                victim, seen = self._relay_with_send_held(rng, timeout=5.0)
                 if victim is None:
-                    return False, "no relay had a send in flight"
+                    return False, f"no free relay had a send in flight ({seen})"
                 try:
                     time.sleep(0.5)  # it has deleted (without `ack`), waits for the answer
                     if stall:
@@ -439,40 +440,46 @@ class Faults:
             victim.lock.release()
         return True, f"{victim.name}, {dropped} connections dropped"
 
-    def _producing(self, timeout: float = 20.0) -> bool:
-        """Wait until the relays send to Kafka again (after an outage they back off)."""
+    @contextlib.contextmanager
+    def _aim(self, *servers: threading.Event, producing: bool = False,
+             timeout: float = 20.0) -> Iterator[bool]:
+        """Take a turn, wait until `servers` are up and, with `producing`, the relays send
+        to Kafka, then aim (see Gate). Yields False if that takes over `timeout` s."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() - self.kafka_proxy.last_produce > 1.0:
-            if self.stop.wait(0.2) or time.monotonic() > deadline:
-                return False
-        return True
 
-    def _up(self, server: threading.Event, timeout: float = 30.0) -> bool:
-        """Wait until `server` is up (another fault may have it down); False when the run
-        ends first or it stays down."""
-        deadline = time.monotonic() + timeout
-        if not server.is_set():
-            self.trace("waiting for a server")
-        while not server.wait(0.5):
-            if self.stop.is_set() or time.monotonic() > deadline:
-                return False
-        return True
+        def ready() -> bool:
+            recent = time.monotonic() - self.kafka_proxy.last_produce < 1.0
+            return all(s.is_set() for s in servers) and (recent or not producing)
 
-    def _relay_with_send_held(self, rng: random.Random, timeout: float) -> Proc | None:
+        with self.gate.turn() as aim:
+            while not ready():
+                if self.stop.wait(0.1) or time.monotonic() > deadline:
+                    yield False
+                    return
+            aim()
+            yield True
+
+    def _relay_with_send_held(self, rng: random.Random,
+                              timeout: float) -> tuple[Proc | None, str]:
         """A relay with a Produce request held in the Kafka proxy, locked for the caller
-        (no other fault acts on it); None if none shows up in `timeout` seconds."""
+        (no other fault acts on it); None if none shows up in `timeout` seconds, with what
+        was seen instead."""
         deadline = time.monotonic() + timeout
+        seen = "nothing held"
         while time.monotonic() < deadline and not self.stop.is_set():
             time.sleep(0.1)
             held = self.kafka_proxy.held_kafka_requests()
             ports = [port for port, keys in held.items() if KAFKA_PRODUCE in keys]
             if not ports:
+                keys = sorted({k for ks in held.values() for k in ks})
+                seen = f"held requests {keys}, no Produce"
                 continue
             by_pid = {p.pid: p for p in self.relays if p.pid is not None}
             owners = port_owners(ports, self.kafka_proxy.listen_port, by_pid)
-            for name in rng.sample(sorted({by_pid[pid].name for pid in owners.values()}),
-                                   len(set(owners.values()))):
+            names = sorted({by_pid[pid].name for pid in owners.values()})
+            seen = f"Produce held from {names or 'no relay'}, all busy"
+            for name in rng.sample(names, len(names)):
                 victim = next(p for p in self.relays if p.name == name)
                 if victim.lock.acquire(blocking=False):
-                    return victim
-        return None
+                    return victim, ""
+        return None, seen

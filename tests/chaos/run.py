@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -178,162 +179,176 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
             return {**base_env, "OUTBOX_UNSAFE_DISABLE": unsafe}
         return base_env
 
-    py = sys.executable
-    writer_procs = [Proc(f"writer-{i}", [py, "-m", "tests.chaos.app", "writer", "--db",
-                                          direct_url, "--topic", topic, "--rate",
-                                          str(rate / writers), "--seed", str(seed * 10 + i)],
-                         env_for("writer"), logs) for i in range(writers)]
-    relay_procs = [Proc(f"relay-{i}", [py, "-m", "outbox.cli", "relay", "--db", proxied_url,
-                                        "--kafka", f"127.0.0.1:{KAFKA_PROXY_PORT}",
-                                        "--lease", str(LEASE), "--poll-interval", "0.5",
-                                        # sends fail during a broker outage: retry paths run
-                                        "--delivery-timeout-ms", "4000",
-                                        "--relay-id", f"relay-{i}"],
-                        env_for("relay"), logs) for i in range(relays)]
-    consumer_procs = [Proc(f"consumer-{i}", [py, "-m", "outbox.cli", "consume",
-                                              "tests.chaos.app:Effects", "--db", direct_url,
-                                              "--kafka", f"127.0.0.1:{KAFKA_PROXY_PORT}",
-                                              "--session-timeout-ms", "6000"],
-                           env_for("consumer"), logs) for i in range(consumers)]
-    supervisor = Supervisor(relay_procs + consumer_procs, log)
+    children: list[Proc] = []  # killed if the run fails half-way, so none outlives it
+    supervisor: Supervisor | None = None
     stop = threading.Event()
-    # The harness's own writer, for the ordering race: straight to PostgreSQL, never
-    # through the proxy that holds the relays back.
-    engine = sa.create_engine(direct_url, pool_size=2, pool_pre_ping=True, connect_args={
-        "connect_timeout": 5, "options": "-c statement_timeout=15000"})
-    faults = Faults(relays=relay_procs, consumers=consumer_procs, kafka_proxy=kafka_proxy,
-                    pg_proxy=pg_proxy, factory=sessionmaker(engine), topic=topic,
-                    unsafe=unsafe, stop=stop, trace=logs / "faults.log")
-    lock = threading.Lock()
-    targets = {k: target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN)
-               if k in WINDOW_KINDS else target_for(floors[k], duration) for k in kinds}
-    schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k]) for k in kinds}
-    warned: set[str] = set()
-    started = time.monotonic()
-    started_wall = time.time()
+    try:
+        py = sys.executable
+        writer_procs = [Proc(f"writer-{i}", [py, "-m", "tests.chaos.app", "writer", "--db",
+                                              direct_url, "--topic", topic, "--rate",
+                                              str(rate / writers), "--seed", str(seed * 10 + i)],
+                             env_for("writer"), logs) for i in range(writers)]
+        relay_procs = [Proc(f"relay-{i}", [py, "-m", "outbox.cli", "relay", "--db", proxied_url,
+                                            "--kafka", f"127.0.0.1:{KAFKA_PROXY_PORT}",
+                                            "--lease", str(LEASE), "--poll-interval", "0.5",
+                                            # sends fail during a broker outage: retry paths run
+                                            "--delivery-timeout-ms", "4000",
+                                            "--relay-id", f"relay-{i}"],
+                            env_for("relay"), logs) for i in range(relays)]
+        consumer_procs = [Proc(f"consumer-{i}", [py, "-m", "outbox.cli", "consume",
+                                                  "tests.chaos.app:Effects", "--db", direct_url,
+                                                  "--kafka", f"127.0.0.1:{KAFKA_PROXY_PORT}",
+                                                  "--session-timeout-ms", "6000"],
+                               env_for("consumer"), logs) for i in range(consumers)]
+        children += writer_procs + relay_procs + consumer_procs
+        supervisor = Supervisor(relay_procs + consumer_procs, log)
+        # The harness's own writer, for the ordering race: straight to PostgreSQL, never
+        # through the proxy that holds the relays back.
+        engine = sa.create_engine(direct_url, pool_size=2, pool_pre_ping=True, connect_args={
+            "connect_timeout": 5, "options": "-c statement_timeout=15000"})
+        faults = Faults(relays=relay_procs, consumers=consumer_procs, kafka_proxy=kafka_proxy,
+                        pg_proxy=pg_proxy, factory=sessionmaker(engine), topic=topic,
+                        unsafe=unsafe, stop=stop, trace=logs / "faults.log")
+        lock = threading.Lock()
+        targets = {k: target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN)
+                   if k in WINDOW_KINDS else target_for(floors[k], duration) for k in kinds}
+        schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k]) for k in kinds}
+        warned: set[str] = set()
+        started = time.monotonic()
+        started_wall = time.time()
 
-    def elapsed() -> float:
-        return time.monotonic() - started
+        def elapsed() -> float:
+            return time.monotonic() - started
 
-    def faults_of(kind: str) -> None:
-        rng = random.Random(f"{seed}-{kind}")
-        sched = schedules[kind]
+        def faults_of(kind: str) -> None:
+            rng = random.Random(f"{seed}-{kind}")
+            sched = schedules[kind]
+            while elapsed() < duration:
+                if stop.wait(sched.next_delay(elapsed(), rng.random())) or elapsed() >= duration:
+                    return
+                at = elapsed()
+                try:
+                    hit, detail = faults.inject(kind, rng)
+                except Exception as exc:  # a fault that could not be injected is reported
+                    hit, detail = False, f"failed: {first_line(exc)}"
+                    log(f"  fault {kind} failed: {first_line(exc)}")
+                seconds = elapsed() - at
+                with lock:
+                    sched.finished(seconds, hit)
+                    report.timeline.append({"kind": kind, "at": round(at, 2),
+                                            "seconds": round(seconds, 2), "hit": hit,
+                                            "detail": detail})
+                    if hit:
+                        report.faults[kind] += 1
+                    else:
+                        report.missed[kind] += 1
+                    floor = floors[kind]
+                    if floor and kind not in warned and not sched.feasible(elapsed(), floor):
+                        warned.add(kind)
+                        log(f"  WARNING: {kind} cannot reach the floor at this pace: "
+                            f"{report.faults[kind]}/{floor} done, {sched.expected:.1f} s per "
+                            f"fault, {duration - elapsed():.0f} s left")
+
+        log(f"chaos seed={seed} duration={duration:.0f}s unsafe={unsafe or '-'} logs={logs}")
+        for group in (RANDOM_KINDS, WINDOW_KINDS):
+            chosen = [k for k in group if k in kinds]
+            if not chosen:
+                continue
+            k0 = chosen[0]
+            floor = floors[k0]
+            log(f"  {'random' if group is RANDOM_KINDS else 'window'} faults: {targets[k0]} of "
+                f"each of {len(chosen)} kinds (a slot of {duration / targets[k0]:.1f} s)"
+                + (f"; floor {floor} each: feasible while a fault takes <= "
+                   f"{duration / floor:.1f} s" if floor else ""))
+            risky = [f"{k} (~{PRIOR_SECONDS[k]:.0f} s)" for k in chosen
+                     if floor and PRIOR_SECONDS[k] > duration / floor]
+            if risky:
+                log(f"  at risk of missing the floor: {', '.join(risky)}")
+        threads = [threading.Thread(target=faults_of, args=(k,), daemon=True, name=k)
+                   for k in kinds]
+        for t in threads:
+            t.start()
         while elapsed() < duration:
-            if stop.wait(sched.next_delay(elapsed(), rng.random())) or elapsed() >= duration:
-                return
-            at = elapsed()
-            try:
-                hit, detail = faults.inject(kind, rng)
-            except Exception as exc:  # a fault that could not be injected is reported
-                hit, detail = False, f"failed: {first_line(exc)}"
-                log(f"  fault {kind} failed: {first_line(exc)}")
-            seconds = elapsed() - at
+            time.sleep(min(10.0, max(0.0, duration - elapsed())))
             with lock:
-                sched.finished(seconds, hit)
-                report.timeline.append({"kind": kind, "at": round(at, 2),
-                                        "seconds": round(seconds, 2), "hit": hit,
-                                        "detail": detail})
-                if hit:
-                    report.faults[kind] += 1
-                else:
-                    report.missed[kind] += 1
-                floor = floors[kind]
-                if floor and kind not in warned and not sched.feasible(elapsed(), floor):
-                    warned.add(kind)
-                    log(f"  WARNING: {kind} cannot reach the floor at this pace: "
-                        f"{report.faults[kind]}/{floor} done, {sched.expected:.1f} s per fault, "
-                        f"{duration - elapsed():.0f} s left")
+                log(f"  {elapsed():5.0f}s faults so far: "
+                    + " ".join(f"{k}={report.faults[k]}" for k in kinds))
+        stop.set()
+        for t in threads:
+            t.join(90)
+        for t in threads:
+            if t.is_alive():
+                log(f"  fault thread {t.name} still running after the end")
+        for k, s in schedules.items():
+            report.fault_seconds[k] = s.durations
 
-    log(f"chaos seed={seed} duration={duration:.0f}s unsafe={unsafe or '-'} logs={logs}")
-    for group in (RANDOM_KINDS, WINDOW_KINDS):
-        chosen = [k for k in group if k in kinds]
-        if not chosen:
-            continue
-        k0 = chosen[0]
-        floor = floors[k0]
-        log(f"  {'random' if group is RANDOM_KINDS else 'window'} faults: {targets[k0]} of "
-            f"each of {len(chosen)} kinds (a slot of {duration / targets[k0]:.1f} s)"
-            + (f"; floor {floor} each: feasible while a fault takes <= "
-               f"{duration / floor:.1f} s" if floor else ""))
-        risky = [f"{k} (~{PRIOR_SECONDS[k]:.0f} s)" for k in chosen
-                 if floor and PRIOR_SECONDS[k] > duration / floor]
-        if risky:
-            log(f"  at risk of missing the floor: {', '.join(risky)}")
-    threads = [threading.Thread(target=faults_of, args=(k,), daemon=True, name=k)
-               for k in kinds]
-    for t in threads:
-        t.start()
-    while elapsed() < duration:
-        time.sleep(min(10.0, max(0.0, duration - elapsed())))
-        with lock:
-            log(f"  {elapsed():5.0f}s faults so far: "
-                + " ".join(f"{k}={report.faults[k]}" for k in kinds))
-    stop.set()
-    for t in threads:
-        t.join(90)
-    for t in threads:
-        if t.is_alive():
-            log(f"  fault thread {t.name} still running after the end")
-    for k, s in schedules.items():
-        report.fault_seconds[k] = s.durations
-
-    # Heal everything, stop writing, let the system drain.
-    for proxy in proxies:
-        proxy.heal()
-    stack("up")
-    for p in relay_procs + consumer_procs:
-        p.ensure_running()
-    for w in writer_procs:
-        report.exits[w.name] = w.terminate()
-    drain_started = time.monotonic()
-    committed = load_committed(direct_url)
-    report.events_committed = len(committed)
-    # Drained: the outbox is empty and every committed event applied. An event lost for
-    # good (UNSAFE=ack) never arrives: give up once the outbox is empty and nothing was
-    # applied for 30 s, instead of waiting out the deadline.
-    deadline = drain_started + 300
-    last_applied, moved = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        left, applied = progress(direct_url)
-        if left == 0 and applied >= len(committed):
-            report.drain_seconds = round(time.monotonic() - drain_started, 1)
-            break
-        if applied != last_applied or left != 0:
-            last_applied, moved = applied, time.monotonic()
-        elif time.monotonic() - moved > 30:
-            log(f"  drain: outbox empty, {len(committed) - applied} events never applied")
-            break
-        time.sleep(1)
-    supervisor.stop()
-    report.restarts = dict(supervisor.exits)
-    for p in relay_procs + consumer_procs:
-        report.exits[p.name] = p.terminate()
-    for proxy in proxies:
-        proxy.close()
-    engine.dispose()
-    found = check(direct_url, kafka, topic, committed, report.timeline, started_wall)
-    if found.lost or found.phantom or found.order_violations:
-        log(f"  topic {topic} and database {db} kept as evidence")
-    else:
-        try:  # every topic left behind makes each later broker restart slower
-            admin = KafkaAdminClient(bootstrap_servers=kafka)
-            admin.delete_topics([topic])
-            admin.close()
-        except Exception as exc:
-            log(f"  could not delete topic {topic}: {first_line(exc)}")
-    report.records_in_kafka = found.records
-    report.lost, report.phantom = len(found.lost), len(found.phantom)
-    report.order_violations = found.order_violations
-    report.double_applied = len(found.double_applied)
-    report.not_applied = found.not_applied
-    report.outbox_left = found.outbox_left
-    report.duplicates_absorbed = found.duplicates
-    report.duplicate_bursts = found.bursts
-    report.examples = {
-        "lost": sorted(found.lost)[:5], "phantom": sorted(found.phantom)[:5],
-        "order_violation_keys": found.order_examples,
-        "double_applied": found.double_applied[:5],
-    }
+        # Heal everything, stop writing, let the system drain.
+        for proxy in proxies:
+            proxy.heal()
+        stack("up")
+        for p in relay_procs + consumer_procs:
+            p.ensure_running()
+        for w in writer_procs:
+            report.exits[w.name] = w.terminate()
+        drain_started = time.monotonic()
+        committed = load_committed(direct_url)
+        report.events_committed = len(committed)
+        # Drained: the outbox is empty and every committed event applied. An event lost for
+        # good (UNSAFE=ack) never arrives: give up once the outbox is empty and nothing was
+        # applied for 30 s, instead of waiting out the deadline.
+        deadline = drain_started + 300
+        last_applied, moved = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            left, applied = progress(direct_url)
+            if left == 0 and applied >= len(committed):
+                report.drain_seconds = round(time.monotonic() - drain_started, 1)
+                break
+            if applied != last_applied or left != 0:
+                last_applied, moved = applied, time.monotonic()
+            elif time.monotonic() - moved > 30:
+                log(f"  drain: outbox empty, {len(committed) - applied} events never applied")
+                break
+            time.sleep(1)
+        supervisor.stop()
+        report.restarts = dict(supervisor.exits)
+        for p in relay_procs + consumer_procs:
+            report.exits[p.name] = p.terminate()
+        for proxy in proxies:
+            proxy.close()
+        engine.dispose()
+        found = check(direct_url, kafka, topic, committed, report.timeline, started_wall)
+        if found.lost or found.phantom or found.order_violations:
+            log(f"  topic {topic} and database {db} kept as evidence")
+        else:
+            try:  # every topic left behind makes each later broker restart slower
+                admin = KafkaAdminClient(bootstrap_servers=kafka)
+                admin.delete_topics([topic])
+                admin.close()
+            except Exception as exc:
+                log(f"  could not delete topic {topic}: {first_line(exc)}")
+        report.records_in_kafka = found.records
+        report.lost, report.phantom = len(found.lost), len(found.phantom)
+        report.order_violations = found.order_violations
+        report.double_applied = len(found.double_applied)
+        report.not_applied = found.not_applied
+        report.outbox_left = found.outbox_left
+        report.duplicates_absorbed = found.duplicates
+        report.duplicate_bursts = found.bursts
+        report.examples = {
+            "lost": sorted(found.lost)[:5], "phantom": sorted(found.phantom)[:5],
+            "order_violation_keys": found.order_examples,
+            "double_applied": found.double_applied[:5],
+        }
+    except BaseException:
+        stop.set()
+        if supervisor is not None:
+            supervisor.stop()
+        for child in children:
+            child.signal(signal.SIGCONT)
+            child.kill()
+        for proxy in proxies:
+            proxy.close()
+        raise
     (logs / "summary.json").write_text(json.dumps(report.as_dict(), indent=2))
     return report
 

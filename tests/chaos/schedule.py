@@ -17,7 +17,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-NOMINAL_PER_10MIN = 60  # faults of each kind per 600 s when no floor is asked for
+NOMINAL_PER_10MIN = 55  # faults of each kind per 600 s when no floor is asked for
 
 
 def floor_for(per_10min: int, duration: float) -> int:

@@ -57,7 +57,7 @@ def test_floor_and_target_scale_with_the_run() -> None:
     assert floor_for(50, 70) == 5
     assert floor_for(0, 600) == 0
     assert target_for(50, 600) == 60
-    assert target_for(0, 70) == 7
+    assert target_for(0, 70) == 6
     assert target_for(0, 5) == 1
 
 
