@@ -81,9 +81,10 @@ HOLD_IN_PRODUCER = ["--linger-ms", "5000", "--delivery-timeout-ms", "40000"]
 
 
 class Gate:
-    """Who may start now. One window fault at a time has its turn: first new server faults
-    (broker kill, database restart) wait, until the servers it needs are up; then, while
-    it aims, every new random fault waits. Random faults otherwise run together."""
+    """Who may start now. One window fault at a time has its turn: it waits for the servers
+    it needs, holding back new server faults (broker kill, database restart) only if they
+    keep it waiting; then, while it aims, every new random fault waits. Random faults
+    otherwise run together."""
 
     FREE, SERVERS_HELD, ALL_HELD = 0, 1, 2
 
@@ -101,22 +102,24 @@ class Gate:
         yield
 
     @contextlib.contextmanager
-    def turn(self) -> Iterator[Callable[[], None]]:
-        """A window fault's turn; call the function it yields when it starts to aim."""
+    def turn(self) -> Iterator[Callable[[int], None]]:
+        """A window fault's turn; it calls the function it gets with SERVERS_HELD or
+        ALL_HELD to hold back more."""
         with self._cond:
             self._cond.wait_for(lambda: not self._turn)
-            self._turn, self._level = True, self.SERVERS_HELD
+            self._turn = True
         try:
-            yield self._aim
+            yield self._hold
         finally:
             with self._cond:
                 self._turn, self._level = False, self.FREE
                 self._cond.notify_all()
 
-    def _aim(self) -> None:
+    def _hold(self, level: int) -> None:
         with self._cond:
-            self._level = self.ALL_HELD
-        self.on_aim()
+            self._level = level
+        if level == self.ALL_HELD:
+            self.on_aim()
 
 
 class Proc:
@@ -441,31 +444,41 @@ class Faults:
         return True, f"{victim.name}, {dropped} connections dropped"
 
     @contextlib.contextmanager
-    def _aim(self, *servers: threading.Event, producing: bool = False,
-             timeout: float = 20.0) -> Iterator[bool]:
+    def _aim(self, *servers: threading.Event, producing: bool = False) -> Iterator[bool]:
         """Take a turn, wait until `servers` are up and, with `producing`, the relays send
-        to Kafka, then aim (see Gate). Yields False if that takes over `timeout` s."""
-        deadline = time.monotonic() + timeout
+        to Kafka (holding back new server faults after 8 s), then aim (see Gate). Yields
+        False if that takes over 18 s."""
 
         def ready() -> bool:
             recent = time.monotonic() - self.kafka_proxy.last_produce < 1.0
             return all(s.is_set() for s in servers) and (recent or not producing)
 
-        with self.gate.turn() as aim:
+        def wait(seconds: float) -> bool:
+            deadline = time.monotonic() + seconds
             while not ready():
                 if self.stop.wait(0.1) or time.monotonic() > deadline:
+                    return False
+            return True
+
+        with self.gate.turn() as hold:
+            if not wait(8.0):
+                self.trace("holding back server faults")
+                hold(Gate.SERVERS_HELD)
+                if not wait(10.0):
                     yield False
                     return
-            aim()
+            hold(Gate.ALL_HELD)
             yield True
 
     def _relay_with_send_held(self, rng: random.Random,
                               timeout: float) -> tuple[Proc | None, str]:
-        """A relay with a Produce request held in the Kafka proxy, locked for the caller
-        (no other fault acts on it); None if none shows up in `timeout` seconds, with what
-        was seen instead."""
+        """A relay with a Produce request held in the Kafka proxy (which the caller holds),
+        locked for the caller (no other fault acts on it); None if none shows up in
+        `timeout` seconds, with what was seen instead. Other requests held for a second
+        (clients connecting, fetching metadata) are let through, so a relay gets to send."""
         deadline = time.monotonic() + timeout
         seen = "nothing held"
+        other_since: float | None = None
         while time.monotonic() < deadline and not self.stop.is_set():
             time.sleep(0.1)
             held = self.kafka_proxy.held_kafka_requests()
@@ -473,6 +486,13 @@ class Faults:
             if not ports:
                 keys = sorted({k for ks in held.values() for k in ks})
                 seen = f"held requests {keys}, no Produce"
+                if keys and other_since is None:
+                    other_since = time.monotonic()
+                elif keys and other_since is not None and time.monotonic() - other_since > 1:
+                    self.kafka_proxy.release()  # let them through for a moment
+                    time.sleep(0.3)
+                    self.kafka_proxy.hold()
+                    other_since = None
                 continue
             by_pid = {p.pid: p for p in self.relays if p.pid is not None}
             owners = port_owners(ports, self.kafka_proxy.listen_port, by_pid)

@@ -9,6 +9,7 @@ with a send in flight, to kill or stop it at exactly that moment.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import select
 import socket
@@ -33,6 +34,7 @@ class TcpProxy:
         self.listen_port: int = self._server.getsockname()[1]  # listen_port, or the one given for 0
         self._server.settimeout(0.5)
         self._clients: dict[socket.socket, socket.socket] = {}  # client side -> upstream
+        self._frames: dict[socket.socket, KafkaFrames] = {}  # client side -> its requests
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._holds = 0  # while > 0, bytes are held back (see hold())
@@ -48,7 +50,7 @@ class TcpProxy:
         never reach the other side); optionally refuse new connections for a while."""
         self.refuse_until = time.monotonic() + refuse_for
         with self._lock:
-            pairs, self._clients = list(self._clients.items()), {}
+            pairs, self._clients, self._frames = list(self._clients.items()), {}, {}
         for pair in pairs:
             for c in pair:
                 with contextlib.suppress(OSError):
@@ -92,16 +94,16 @@ class TcpProxy:
         """For each client connection with bytes held back (by the client's port): the API
         keys of the Kafka requests among them, read without consuming them."""
         with self._lock:
-            clients = list(self._clients)
+            clients = [(c, self._frames.get(c)) for c in self._clients]
         out: dict[int, list[int]] = {}
-        for c in clients:
+        for c, frames in clients:
             try:
                 data = c.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 port = c.getpeername()[1]
             except (BlockingIOError, OSError):
                 continue
-            if data:
-                out[port] = kafka_api_keys(data)
+            if data:  # the hold may have begun mid-request: go on from where forwarding was
+                out[port] = copy.deepcopy(frames).feed(data) if frames else kafka_api_keys(data)
         return out
 
     # -- forwarding -------------------------------------------------------------------
@@ -127,6 +129,9 @@ class TcpProxy:
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
         requests = KafkaFrames() if self.kafka else None
+        if requests:
+            with self._lock:
+                self._frames[a] = requests
         try:
             while not self._stop.is_set():
                 if self.held():
@@ -149,6 +154,7 @@ class TcpProxy:
         finally:
             with self._lock:
                 self._clients.pop(a, None)
+                self._frames.pop(a, None)
             for s in (a, b):
                 with contextlib.suppress(OSError):
                     s.close()

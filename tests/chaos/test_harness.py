@@ -161,6 +161,30 @@ def test_proxy_holds_a_request_names_its_process_and_drops_it_on_cut() -> None:
         server.close()
 
 
+def test_a_hold_that_begins_mid_request_still_names_the_next_one() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    proxy = TcpProxy(0, server.getsockname()[1], "test", kafka=True)
+    try:
+        client = socket.create_connection(("127.0.0.1", proxy.listen_port))
+        server.settimeout(5)
+        upstream, _ = server.accept()
+        fetch = (20).to_bytes(4, "big") + (1).to_bytes(2, "big") + b"f" * 18
+        produce = (10).to_bytes(4, "big") + KAFKA_PRODUCE.to_bytes(2, "big") + b"p" * 8
+        client.sendall(fetch[:9])  # forwarded: the hold begins in the middle of a request
+        assert _wait(lambda: len(upstream.recv(100, socket.MSG_PEEK)) == 9)
+        proxy.hold()
+        client.sendall(fetch[9:] + produce)
+        port = client.getsockname()[1]
+        assert _wait(lambda: proxy.held_kafka_requests() == {port: [KAFKA_PRODUCE]})
+        proxy.release()
+        assert _wait(lambda: proxy.last_produce > 0)
+        client.close()
+        upstream.close()
+    finally:
+        proxy.close()
+        server.close()
+
+
 def test_nested_holds_end_with_the_last_release() -> None:
     server = socket.create_server(("127.0.0.1", 0))
     proxy = TcpProxy(0, server.getsockname()[1], "test")
