@@ -13,7 +13,13 @@ from typing import Any
 
 from outbox.errors import ConfigError
 from outbox.event import KafkaHeaders
-from outbox.publisher import Delivery, KafkaSettings, NotSent, TopicUnavailable
+from outbox.publisher import (
+    Delivery,
+    FailedDelivery,
+    KafkaSettings,
+    NotSent,
+    TopicUnavailable,
+)
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
@@ -73,19 +79,6 @@ class _Delivery:
 
     def done(self) -> bool:
         return self._done
-
-    def error(self) -> BaseException | None:
-        return self._error
-
-
-class _Failed:
-    __slots__ = ("_error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self._error = error
-
-    def done(self) -> bool:
-        return True
 
     def error(self) -> BaseException | None:
         return self._error
@@ -151,11 +144,11 @@ class ConfluentPublisher:
                 self._producer.produce(topic, value, key, on_delivery=delivery,
                                        headers=headers)
             except BufferError as exc:
-                return _Failed(NotSent(f"the producer's queue is full: {exc}"))
+                return FailedDelivery(NotSent(f"the producer's queue is full: {exc}"))
             except KafkaException as exc:
-                return _Failed(classify(exc.args[0]))
+                return FailedDelivery(classify(exc.args[0]))
         except KafkaException as exc:
-            return _Failed(classify(exc.args[0]))
+            return FailedDelivery(classify(exc.args[0]))
         return delivery
 
     def flush(self, timeout: float) -> None:

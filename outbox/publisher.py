@@ -100,7 +100,9 @@ class _KafkaDelivery:
         return exc if isinstance(exc, BaseException) else None
 
 
-class _FailedDelivery:
+class FailedDelivery:
+    """A send that failed before it reached the client: done, with its error."""
+
     __slots__ = ("_error",)
 
     def __init__(self, error: BaseException) -> None:
@@ -218,12 +220,12 @@ class KafkaPublisher:
         quarantined = self._unavailable.get(topic)
         if quarantined is not None:
             if time.monotonic() < quarantined[0]:
-                return _FailedDelivery(quarantined[1])
+                return FailedDelivery(quarantined[1])
             del self._unavailable[topic]
         try:
             with self._lock:
                 if self._halted is not None:
-                    return _FailedDelivery(self._halted)
+                    return FailedDelivery(self._halted)
                 future = self._producer.send(topic, key=key, value=value, headers=headers)
                 future.add_errback(self._on_failure)
             return _KafkaDelivery(future)
@@ -238,9 +240,9 @@ class KafkaPublisher:
                         "not auto-created, or the broker refuses its name")
                     self._unavailable[topic] = (time.monotonic() + self.TOPIC_QUARANTINE,
                                                 error)
-                    return _FailedDelivery(error)
-                return _FailedDelivery(NotSent(str(exc)))
-            return _FailedDelivery(exc)
+                    return FailedDelivery(error)
+                return FailedDelivery(NotSent(str(exc)))
+            return FailedDelivery(exc)
 
     def flush(self, timeout: float) -> None:
         with contextlib.suppress(Exception):  # KafkaTimeoutError: the caller checks deliveries
@@ -297,7 +299,7 @@ class InMemoryPublisher:
         error = self._broken.get((topic, key)) or (self.fail(record) if self.fail else None)
         if error is not None:
             self._broken[(topic, key)] = error
-            return _FailedDelivery(error)
+            return FailedDelivery(error)
         with self._lock:
             self.records.append(record)
         return _DELIVERED
