@@ -92,6 +92,7 @@ class Gate:
         self._cond = threading.Condition()
         self._turn = False
         self._level = self.FREE
+        self.servers_faulted = 0  # server faults under way (they end with the server back)
         self.on_aim: Callable[[], None] = lambda: None
 
     @contextlib.contextmanager
@@ -99,7 +100,12 @@ class Gate:
         with self._cond:
             self._cond.wait_for(lambda: self._level == self.FREE or (
                 self._level == self.SERVERS_HELD and not server))
-        yield
+            self.servers_faulted += server
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.servers_faulted -= server
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[Callable[[int], None]]:
@@ -275,7 +281,10 @@ class Faults:
         details = []
         for _ in range(3):
             self.trace("aim")
-            hit, detail = method(rng)
+            try:
+                hit, detail = method(rng)
+            except Exception as exc:  # e.g. the database went away under the race
+                hit, detail = False, f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
             self.trace(f"{'hit' if hit else 'miss'}: {detail}")
             details.append(detail)
             if hit or self.stop.wait(1.0):
@@ -451,7 +460,8 @@ class Faults:
 
         def ready() -> bool:
             recent = time.monotonic() - self.kafka_proxy.last_produce < 1.0
-            return all(s.is_set() for s in servers) and (recent or not producing)
+            return (all(s.is_set() for s in servers) and (recent or not producing)
+                    and not self.gate.servers_faulted)
 
         def wait(seconds: float) -> bool:
             deadline = time.monotonic() + seconds
@@ -468,6 +478,9 @@ class Faults:
                     yield False
                     return
             hold(Gate.ALL_HELD)
+            if not wait(10.0):  # a server fault that started just before: let it end
+                yield False
+                return
             yield True
 
     def _relay_with_send_held(self, rng: random.Random,
