@@ -133,6 +133,10 @@ class Relay:
                 except psycopg.Error as exc:
                     self._drop_connection()
                     _raise_if_permanent(exc)
+                    # The cycle was abandoned with sends perhaps still in flight; the next
+                    # owner resends them. A fresh producer keeps those stragglers from
+                    # landing among (or, after a failure, ahead of) the new sends.
+                    self._replace_publisher()
                     self._throttle.warn("db", f"relay {self.relay_id}: database unavailable "
                                         f"({first_line(exc)}); retrying with backoff")
                     self._stop.wait(jitter(backoff))
