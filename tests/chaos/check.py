@@ -33,6 +33,7 @@ class Findings:
     phantom: set[str] = field(default_factory=set)
     order_violations: int = 0
     order_examples: list[str] = field(default_factory=list)
+    order_keys: list[str] = field(default_factory=list)  # every key out of order
     double_applied: list[str] = field(default_factory=list)
     not_applied: int = 0
     duplicates: int = 0
@@ -91,6 +92,7 @@ def check(url: str, kafka: str, topic: str, committed: dict[str, tuple[str, int]
     bad_keys = [k for k, vs in first.items() if any(b <= a for a, b in itertools.pairwise(vs))]
     out.order_violations = sum(sum(1 for a, b in itertools.pairwise(first[k]) if b <= a)
                                for k in bad_keys)
+    out.order_keys = sorted(bad_keys)
     for k in bad_keys[:3]:
         i = next(i for i in range(1, len(first[k])) if first[k][i] <= first[k][i - 1])
         a, b = (copies[first_ids[k][j]] for j in (i - 1, i))

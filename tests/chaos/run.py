@@ -337,6 +337,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         report.examples = {
             "lost": sorted(found.lost)[:5], "phantom": sorted(found.phantom)[:5],
             "order_violation_keys": found.order_examples,
+            "keys_out_of_order": found.order_keys[:100],
             "double_applied": found.double_applied[:5],
         }
     except BaseException:
