@@ -105,6 +105,17 @@ def race(factory: sessionmaker[Session], box: Outbox, topic: str, key: str,
     return outcome.get("first") is True
 
 
+def probe(factory: sessionmaker[Session], box: Outbox, topic: str, keys: list[str]) -> None:
+    """One transaction with an event on each key (recorded like any writer's): every relay
+    that owns one of their shards has something to send right away."""
+    with factory() as session, session.begin():
+        for key in keys:
+            version = bump(session, key)
+            record(session, box.publish(session, topic=topic, key=key, type="Bumped",
+                                        payload={"k": key, "v": version, "probe": True}),
+                   version)
+
+
 def writer(db_url: str, topic: str, keys: int, threads: int, rate: float, seed: int) -> None:
     engine = sa.create_engine(db_url, pool_size=threads, pool_pre_ping=True,
                               connect_args={"connect_timeout": 5})

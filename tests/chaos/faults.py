@@ -22,6 +22,9 @@ aimed at the window one safety mechanism closes, so removing that mechanism
                        the relays held back until both committed: without `ordering`
                        (an event's place fixed at publish(), not at commit), out of order.
 
+So that some relay has a send to hold, the in-flight faults commit an event on each of 16
+keys as the hold begins (checked like every other event).
+
 A window fault takes its turn (one at a time: they would spoil each other's aim): new
 broker kills and database restarts wait until the servers it needs are up (one in
 progress ends with its server back), then no new random fault starts while it aims. The
@@ -48,7 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import Outbox, _unsafe
 from outbox._faults import EXIT_CODE as CRASH_EXIT
-from tests.chaos.app import race
+from tests.chaos.app import probe, race
 from tests.chaos.proxy import KAFKA_PRODUCE, TcpProxy, port_owners
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -418,12 +421,15 @@ class Faults:
         others go on. The killed relay is restarted; the stopped one resumes after its
         lease has expired, the others having sent its events and later ones meanwhile."""
         proxy = self.kafka_proxy
-        with self._aim(self.kafka_up, self.pg_up, producing=True) as ready:
+        with self._aim(self.kafka_up, self.pg_up) as ready:
             if not ready:
-                return False, "servers down or relays not sending"
+                return False, "servers down"
             proxy.hold()
             try:
-                victim, seen = self._relay_with_send_held(rng, timeout=5.0)
+                # events on 16 keys: every live relay owns one of their shards, so it sends
+                probe(self.factory, self.box, self.topic,
+                      [f"probe-{i}" for i in range(16)])
+                victim, seen = self._relay_with_send_held(rng, timeout=8.0)
                 if victim is None:
                     return False, f"no free relay had a send in flight ({seen})"
                 try:
@@ -453,15 +459,12 @@ class Faults:
         return True, f"{victim.name}, {dropped} connections dropped"
 
     @contextlib.contextmanager
-    def _aim(self, *servers: threading.Event, producing: bool = False) -> Iterator[bool]:
-        """Take a turn, wait until `servers` are up and, with `producing`, the relays send
-        to Kafka (holding back new server faults after 8 s), then aim (see Gate). Yields
-        False if that takes over 18 s."""
+    def _aim(self, *servers: threading.Event) -> Iterator[bool]:
+        """Take a turn, wait until `servers` are up (holding back new server faults after
+        8 s), then aim (see Gate). Yields False if that takes over 18 s."""
 
         def ready() -> bool:
-            recent = time.monotonic() - self.kafka_proxy.last_produce < 1.0
-            return (all(s.is_set() for s in servers) and (recent or not producing)
-                    and not self.gate.servers_faulted)
+            return all(s.is_set() for s in servers) and not self.gate.servers_faulted
 
         def wait(seconds: float) -> bool:
             deadline = time.monotonic() + seconds

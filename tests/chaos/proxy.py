@@ -27,8 +27,7 @@ class TcpProxy:
     def __init__(self, listen_port: int, target_port: int, name: str,
                  kafka: bool = False) -> None:
         self.name = name
-        self.kafka = kafka  # parse the client's Kafka requests (see last_produce)
-        self.last_produce = 0.0  # when a Produce request last went to the server
+        self.kafka = kafka  # follow the framing of the client's Kafka requests
         self.target = ("127.0.0.1", target_port)
         self._server = socket.create_server(("127.0.0.1", listen_port), reuse_port=True)
         self.listen_port: int = self._server.getsockname()[1]  # listen_port, or the one given for 0
@@ -147,8 +146,8 @@ class TcpProxy:
                     if self.latency:
                         time.sleep(self.latency)
                     peers[sock].sendall(data)
-                    if requests and sock is a and KAFKA_PRODUCE in requests.feed(data):
-                        self.last_produce = time.monotonic()
+                    if requests and sock is a:
+                        requests.feed(data)  # so what is held later is read from a boundary
         except (OSError, ValueError):
             return
         finally:
