@@ -215,7 +215,7 @@ class Store:
     def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
         """The naive claim, for fault injection only (`OUTBOX_UNSAFE_DISABLE=shards`):
         it reorders a key's events as soon as two relays run."""
-        return [Row(*r) for r in conn.execute(self._claim_skip_locked, {"limit": limit})]
+        return _rows(conn.execute(self._claim_skip_locked, {"limit": limit}, binary=True))
 
     def has_pending(self, conn: psycopg.Connection[Any], shards: list[int]) -> bool:
         row = conn.execute(self._has_pending, {"shards": shards}).fetchone()

@@ -34,3 +34,22 @@ def test_relayed_records_equal_the_events_own_records(engine: sa.Engine, db_url:
         key, value, headers = event.to_record()
         assert got[str(event.id)] == (key, value, headers)
     assert dict(got[str(e.id)][2])["ce_time"] == b"2026-01-02T03:04:05.000000Z"
+
+
+def test_the_naive_claim_of_the_shards_switch_sends_the_same_records(
+    engine: sa.Engine, db_url: str
+) -> None:
+    """UNSAFE=shards must still relay everything (only out of order), or the chaos suite
+    cannot show what removing ownership costs."""
+    from outbox import _unsafe
+
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        events = [box.publish(s, topic="t", key=f"k{i}", type="T", payload={"i": i})
+                  for i in range(20)]
+    publisher = InMemoryPublisher()
+    with _unsafe.disable("shards"):
+        assert drain(db_url, publisher) == 20
+    got = {dict(r.headers)["ce_id"].decode(): (r.key, r.value, r.headers)
+           for r in publisher.records}
+    assert all(got[str(e.id)] == e.to_record() for e in events)
