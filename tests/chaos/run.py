@@ -413,6 +413,8 @@ def main() -> int:
     unknown = set(args.kinds.split(",")) - set(KINDS)
     if unknown or not kinds:
         parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    # Terminated, the run still kills its processes (run() cleans up on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run(args.seed, args.duration, unsafe=args.unsafe,
                  min_per_10min=args.min_faults_per_10min, kinds=kinds)
     print_summary(report)
