@@ -102,10 +102,6 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
         # kafka-python's and Java's partitioner: a key keeps its partition when a relay
         # switches clients (librdkafka's own default, consistent_random, is CRC32).
         "partitioner": "murmur2_random",
-        # Fail-stop, as the kafka-python publisher does: an error that could leave a gap
-        # (a later record written, an earlier one not) stops the producer with a fatal
-        # error instead; the relay replaces it and resends from the first unacknowledged.
-        "enable.gapless.guarantee": True,
     }
     for key, value in settings.extra.items():
         config[key] = value

@@ -60,9 +60,6 @@ class RelayConfig:
     # above the producer's delivery timeout (120 s by default).
     send_timeout: float = 130.0
     relay_id: str | None = None
-    # How often a claim starts from a shard's beginning rather than its cursor: the
-    # longest an event committed late (with a lower position) can wait. See _claim_from.
-    rescan_interval: float = 1.0
 
 
 class Relay:
@@ -87,8 +84,6 @@ class Relay:
         self._next_purge = 0.0
         self._throttle = Throttled(log)
         self._isolate: set[int] = set()  # suspect shards (see _isolated_cycle)
-        self._cursor: dict[int, int] = {}  # shard -> last acknowledged position
-        self._next_rescan = 0.0
         self.published = 0
 
     # -- control ----------------------------------------------------------------------
@@ -189,7 +184,7 @@ class Relay:
         if naive:
             rows = self.store.claim_skip_locked(conn, min(per_shard, 100))
         else:
-            rows = self.store.claim(conn, shards, per_shard, self._claim_from(shards))
+            rows = self.store.claim(conn, shards, per_shard)
         if not rows:
             self.metrics.backlog_empty()
             return 0
@@ -198,16 +193,11 @@ class Relay:
         if not first:
             return 0
         crash_point("relay.after_send")
+        # No pipelining (claiming a shard's next events past the ones in flight): a
+        # transaction that commits late can add a lower position of a key whose later
+        # event such a claim would send first. Every claim reads each shard from its
+        # first pending event (docs/design.md, "Write-time ordering").
         second: list[tuple[Row, Delivery]] = []
-        last: dict[int, int] = {}
-        counts: dict[int, int] = {}
-        for row, _ in first:
-            last[row.shard] = row.position
-            counts[row.shard] = counts.get(row.shard, 0) + 1
-        more = [s for s, n in counts.items() if n == per_shard]
-        if more and not naive:  # these shards may hold more: pipeline their next events
-            second = self._send(conn, publisher, self.store.claim(
-                conn, more, per_shard, [last[s] for s in more]))
         halted: set[int] = set()
         published = 0
         broken = False
@@ -224,24 +214,6 @@ class Relay:
         log.debug("relay %s: %d + %d events sent, %d acknowledged in %.3fs", self.relay_id,
                   len(first), len(second), published, time.monotonic() - started)
         return len(first) + len(second)
-
-    def _claim_from(self, shards: list[int]) -> list[int]:
-        """Where each shard's claim starts: after its last acknowledged event.
-
-        Deleted events leave dead entries in the pending index until VACUUM; a claim
-        from the start of a shard walks all of them, and gets slower as a backlog
-        drains. Starting after the acknowledged prefix skips them. But positions are
-        drawn just before commit, so a transaction that commits late can add a position
-        below a cursor; every `rescan_interval` the claim starts from the beginning
-        again, so such an event waits at most that long. Its key's order is safe: a
-        later event of the same key waits on the key's lock until it commits
-        (docs/design.md, "Write-time ordering").
-        """
-        now = time.monotonic()
-        if now >= self._next_rescan:
-            self._next_rescan = now + self.config.rescan_interval
-            return [0] * len(shards)
-        return [self._cursor.get(s, 0) for s in shards]
 
     def _isolated_cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
         """Send the head of one suspect shard entirely alone, with nothing else in flight.
@@ -330,7 +302,6 @@ class Relay:
         the number acknowledged and whether the producer must be replaced.
         """
         acked: list[int] = []
-        cursor = self._cursor
         broken = False
         for row, delivery in batch:
             if row.shard in halted:
@@ -341,7 +312,6 @@ class Relay:
             error = delivery.error()
             if error is None:
                 acked.append(row.position)
-                cursor[row.shard] = row.position  # the shard's acknowledged prefix so far
                 continue
             broken |= breaks_producer(error)
             text = f"{type(error).__name__}: {error}"
@@ -394,7 +364,6 @@ class Relay:
         for shard in sorted(self._owned, reverse=True)[: max(0, len(self._owned) - target)]:
             self.store.release(conn, shard)
             self._owned.discard(shard)
-            self._cursor.pop(shard, None)
         start = idx * n // len(live)
         for i in range(n):
             if len(self._owned) >= target:
@@ -473,7 +442,6 @@ class Relay:
 
     def _drop_connection(self) -> None:
         self._owned = set()
-        self._cursor.clear()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
