@@ -208,7 +208,7 @@ class Relay:
             done, failed = self._settle(conn, batch, set(), halted)
             published += done
             broken |= failed
-        if broken:  # only now: replacing it earlier would drop the pipelined batch
+        if broken:  # once the cycle is settled: its deliveries are all accounted for
             self._replace_publisher()
         self.metrics.batch(time.monotonic() - started, published)
         log.debug("relay %s: %d + %d events sent, %d acknowledged in %.3fs", self.relay_id,
