@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -32,7 +33,7 @@ from outbox.errors import ConfigError
 from outbox.metrics import RelayMetrics
 from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
 from outbox.schema import DEFAULT_PREFIX, make_tables
-from outbox.store import Row, Store
+from outbox.store import Claim, Row, Store
 
 log = logging.getLogger("outbox.relay")
 
@@ -84,6 +85,10 @@ class Relay:
         self._next_purge = 0.0
         self._throttle = Throttled(log)
         self._isolate: set[int] = set()  # suspect shards (see _isolated_cycle)
+        # Per shard, a position below which every pending event was claimed or invisible
+        # in self._since, the snapshot of the last claim (see Store.claim).
+        self._cursor: dict[int, int] = {}
+        self._since: str | None = None
         self.published = 0
 
     # -- control ----------------------------------------------------------------------
@@ -174,7 +179,8 @@ class Relay:
 
     def _cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
         """Claim and send a batch; while Kafka works on it, claim and send the next events
-        of the shards that have more; then settle both, in order."""
+        of the shards that have more (when that is safe: Store.claim_next); then settle
+        both, in order."""
         naive = _unsafe.disabled("shards")
         self._isolate &= self._owned
         if self._isolate and not naive:
@@ -182,22 +188,34 @@ class Relay:
         shards = sorted(self._owned)
         per_shard = max(1, self.config.batch_size // len(shards))
         if naive:
-            rows = self.store.claim_skip_locked(conn, min(per_shard, 100))
+            claim = Claim(self.store.claim_skip_locked(conn, min(per_shard, 100)), None, False)
         else:
-            rows = self.store.claim(conn, shards, per_shard)
-        if not rows:
+            claim = self.store.claim(conn, shards, per_shard,
+                                     [self._cursor.get(s, 0) for s in shards], self._since)
+            self._advance_since(claim)
+        if not claim.rows:
             self.metrics.backlog_empty()
             return 0
         started = time.monotonic()
-        first = self._send(conn, publisher, rows)
+        first = self._send(conn, publisher, claim.rows)
         if not first:
             return 0
         crash_point("relay.after_send")
-        # No pipelining (claiming a shard's next events past the ones in flight): a
-        # transaction that commits late can add a lower position of a key whose later
-        # event such a claim would send first. Every claim reads each shard from its
-        # first pending event (docs/design.md, "Write-time ordering").
         second: list[tuple[Row, Delivery]] = []
+        if not naive:
+            last: dict[int, int] = {}
+            counts: Counter[int] = Counter()
+            for row, _ in first:
+                last[row.shard] = row.position
+                counts[row.shard] += 1
+            # Only shards whose whole claim was sent may hold more worth sending now.
+            more = [s for s, n in counts.items() if n == per_shard]
+            if more and claim.snapshot is not None:
+                pipelined = self.store.claim_next(conn, more, per_shard,
+                                                  [last[s] for s in more], claim.snapshot)
+                if pipelined.from_cursor:
+                    self._since = pipelined.snapshot
+                second = self._send(conn, publisher, pipelined.rows)
         halted: set[int] = set()
         published = 0
         broken = False
@@ -215,6 +233,17 @@ class Relay:
                   len(first), len(second), published, time.monotonic() - started)
         return len(first) + len(second)
 
+    def _advance_since(self, claim: Claim) -> None:
+        """After a claim (from the cursors or, unsafe, from the start): each shard it
+        returned events of has nothing pending below its first one; the cursors stay
+        valid against the claim's newer snapshot (docs/design.md, "Cursors")."""
+        heads: dict[int, int] = {}
+        for row in claim.rows:
+            heads.setdefault(row.shard, row.position)
+        for shard, head in heads.items():
+            self._cursor[shard] = head - 1
+        self._since = claim.snapshot
+
     def _isolated_cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
         """Send the head of one suspect shard entirely alone, with nothing else in flight.
 
@@ -226,7 +255,7 @@ class Relay:
         """
         shard = min(self._isolate)
         self._isolate.discard(shard)
-        rows = self.store.claim(conn, [shard], 1)
+        rows = self.store.claim(conn, [shard], 1).rows
         if not rows or rows[0].backing_off:
             return 0
         row = rows[0]
@@ -312,6 +341,7 @@ class Relay:
             error = delivery.error()
             if error is None:
                 acked.append(row.position)
+                self._cursor[row.shard] = row.position  # the shard's acknowledged prefix
                 continue
             broken |= breaks_producer(error)
             text = f"{type(error).__name__}: {error}"
@@ -364,6 +394,7 @@ class Relay:
         for shard in sorted(self._owned, reverse=True)[: max(0, len(self._owned) - target)]:
             self.store.release(conn, shard)
             self._owned.discard(shard)
+            self._cursor.pop(shard, None)
         start = idx * n // len(live)
         for i in range(n):
             if len(self._owned) >= target:
@@ -442,6 +473,8 @@ class Relay:
 
     def _drop_connection(self) -> None:
         self._owned = set()
+        self._cursor.clear()
+        self._since = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()

@@ -59,10 +59,26 @@ class Row(NamedTuple):
         return self.headers[1][1].decode()
 
 
+class Claim(NamedTuple):
+    """A claim's rows, the snapshot it read them in (pg_current_snapshot() as text), and
+    whether it could start past the given positions (see Store.claim)."""
+
+    rows: list[Row]
+    snapshot: str | None
+    from_cursor: bool
+
+
+def _claimed(cur: Any) -> Claim:
+    rows = cur.fetchall()
+    return Claim(_rows(rows), rows[0][-2], rows[0][-1]) if rows else Claim([], None, False)
+
+
 def _rows(cur: Any) -> list[Row]:
     """Rows of a claim (CLAIM_COLUMNS, then backing_off) with their CloudEvents headers."""
     out = []
-    for pos, shard, attempts, topic, key, value, eid, typ, src, tm, ct, user, waits in cur:
+    for pos, shard, attempts, topic, key, value, eid, typ, src, tm, ct, user, waits, *_ in cur:
+        if pos is None:  # a claim's row of NULLs: nothing pending
+            continue
         headers = [(SPEC_HEADER, SPEC_VALUE), ("ce_id", eid), ("ce_type", typ),
                    ("ce_source", src), ("ce_time", tm), ("content-type", ct)]
         if user:
@@ -79,15 +95,26 @@ class Store:
         ev, dl, sh, ib = (tables.events.name, tables.dead_letters.name,
                           tables.shards.name, tables.inbox.name)
         self.relay_ns = relay_namespace(tables)
-        self._claim = (
-            "SELECT e.* FROM unnest(%(shards)s::int[], %(after)s::bigint[]) AS s(shard, after) "
-            f"CROSS JOIN LATERAL (SELECT {CLAIM_COLUMNS}, "
-            "(next_attempt_at IS NOT NULL AND next_attempt_at > now()) AS waits "
-            f"FROM {ev} "
-            "  WHERE shard = s.shard AND published_at IS NULL AND position > s.after "
-            "  ORDER BY position LIMIT %(per_shard)s) e "
-            "ORDER BY e.shard, e.position"
-        )
+        def claim(start: str, gate: str) -> str:
+            # g: the statement's snapshot, and whether no transaction in progress at
+            # `since` (an earlier claim's snapshot) has ended by now (see claim()). LEFT
+            # JOIN: one row of NULLs and the snapshot when nothing is pending.
+            return (
+                "WITH g AS MATERIALIZED (SELECT pg_current_snapshot() AS snap, "
+                "(%(since)s::text IS NULL OR NOT EXISTS (SELECT 1 FROM "
+                "pg_snapshot_xip(%(since)s::text::pg_snapshot) AS x(xid) "
+                "WHERE pg_visible_in_snapshot(x.xid, pg_current_snapshot()))) AS ok) "
+                "SELECT e.*, g.snap::text, g.ok FROM g LEFT JOIN LATERAL (SELECT c.* "
+                "FROM unnest(%(shards)s::int[], %(after)s::bigint[]) AS s(shard, after) "
+                f"CROSS JOIN LATERAL (SELECT {CLAIM_COLUMNS}, "
+                "(next_attempt_at IS NOT NULL AND next_attempt_at > now()) AS waits "
+                f"FROM {ev} WHERE shard = s.shard AND published_at IS NULL "
+                f"AND position > {start} ORDER BY position LIMIT %(per_shard)s) c{gate}"
+                ") e ON true ORDER BY e.shard, e.position"
+            )
+
+        self._claim = claim("CASE WHEN g.ok THEN s.after ELSE 0 END", "")
+        self._claim_next = claim("s.after", " WHERE g.ok")
         self._claim_skip_locked = (
             f"SELECT {CLAIM_COLUMNS}, false FROM {ev} WHERE published_at IS NULL "
             "ORDER BY position LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
@@ -204,13 +231,35 @@ class Store:
     # -- relay: the hot path --------------------------------------------------------
 
     def claim(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
-              after: list[int] | None = None) -> list[Row]:
-        """The oldest pending events of each shard (past `after`, the last position already
-        in flight, if given), in position order. No row locks: shard ownership already
-        makes this relay the only one reading these shards."""
-        cur = conn.execute(self._claim, {"shards": shards, "per_shard": per_shard,
-                                         "after": after or [0] * len(shards)}, binary=True)
-        return _rows(cur)
+              after: list[int] | None = None, since: str | None = None) -> Claim:
+        """The oldest pending events of each shard, in position order: past `after` (a
+        cursor per shard, kept by the relay) when that is safe, else from the start.
+
+        No row locks: shard ownership already makes this relay the only one reading these
+        shards. A cursor skips the dead index entries that deleted events leave until
+        VACUUM, which a claim from the start walks on every call.
+
+        Positions are drawn before commit, so a transaction that commits late can add a
+        position below a cursor. The relay keeps, per shard, a cursor below which every
+        pending event was either claimed or invisible in `since` (the snapshot of its
+        last claim). An invisible one belongs to a transaction in progress in `since`
+        (writers take a transaction id before they draw a position). While none of those
+        has ended, no such event is visible, and no later event of its key exists yet
+        (its key's lock is held): starting past the cursor skips nothing. Once one has
+        ended, this claim starts from each shard's beginning instead
+        (`Claim.from_cursor` is False). docs/design.md, "Cursors", has the whole argument.
+        """
+        return _claimed(conn.execute(self._claim, {
+            "shards": shards, "per_shard": per_shard, "after": after or [0] * len(shards),
+            "since": since}, binary=True))
+
+    def claim_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
+                   after: list[int], since: str) -> Claim:
+        """Each shard's next events past `after` (its last event in flight, claimed in
+        snapshot `since`); nothing at all unless that is safe, as in claim()."""
+        return _claimed(conn.execute(self._claim_next, {
+            "shards": shards, "per_shard": per_shard, "after": after, "since": since},
+            binary=True))
 
     def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
         """The naive claim, for fault injection only (`OUTBOX_UNSAFE_DISABLE=shards`):

@@ -302,13 +302,19 @@ class Outbox:
 
 
 def _pg_write_statements(tables: Tables) -> dict[str, str]:
-    """One round trip per commit: lock the keys (sorted: no deadlock), insert every event
-    in publish order, and NOTIFY only if a relay of one of these shards sleeps."""
+    """One round trip per commit: lock the keys (sorted: no deadlock), take a transaction
+    id, insert every event in publish order, and NOTIFY only if a relay of one of these
+    shards sleeps.
+
+    The transaction id comes before the positions are drawn, so a transaction that holds
+    an uncommitted position is in every later snapshot's in-progress list: the relay's
+    pipelined claim relies on it (store.Store.claim_next).
+    """
     sh = tables.shards.name
     write = (
         f"WITH n AS MATERIALIZED (SELECT count(*) AS n FROM {sh}), "
-        "locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(%(ns)s, k)) "
-        "FROM unnest(%(locks)s::int4[]) AS k), "
+        "locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(%(ns)s, k)), "
+        "pg_current_xact_id() FROM unnest(%(locks)s::int4[]) AS k), "
         f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
         "content_type, source, headers, occurred_at, shard) "
         "SELECT r.id, r.topic, r.key, r.type, r.payload, r.ct, r.source, r.headers, r.time, "
@@ -332,7 +338,8 @@ def _pg_write_one_statements(tables: Tables) -> dict[str, str]:
     sh = tables.shards.name
     write = (
         f"WITH n AS MATERIALIZED (SELECT count(*) AS n FROM {sh}), "
-        "locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(ns)s, %(lock)s)), "
+        "locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(ns)s, %(lock)s), "
+        "pg_current_xact_id()), "
         f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
         "content_type, source, headers, occurred_at, shard) "
         "SELECT %(id)s, %(topic)s, %(key)s, %(type)s, %(payload)s, %(ct)s, %(source)s, "
