@@ -58,12 +58,19 @@ def main(argv: list[str]) -> int:
     if scale() != 1:
         print(f"BENCH_SCALE={scale():g}: sizes and durations scaled, figures not comparable")
     results: list[Result] = []
+    failed: list[str] = []
     began = time.monotonic()
     for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         started = time.monotonic()
         print(f"== {name}", flush=True)
-        got = module.run(db_url, kafka)
+        try:
+            got = module.run(db_url, kafka)
+        except Exception as exc:  # one broken benchmark must not cost the others' figures
+            failed.append(name)
+            print(f"   {name} FAILED: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
+                  flush=True)
+            continue
         for r in got:
             r.group = name
             print(f"   {row(r)}", flush=True)
@@ -80,6 +87,9 @@ def main(argv: list[str]) -> int:
     print(f"machine: {machine()}")
     print(f"took {elapsed / 60:.1f} min; written: reports/bench.json"
           + "".join(f", {p}" for p in pictures))
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (see above)")
+        return 1
     return 0
 
 
