@@ -89,19 +89,19 @@ def cycles(db_url: str, kafka: str, topic: str, n: int) -> list[tuple[float, dic
     out = []
     with database(db_url) as url:
         print(f"   autovacuum: {_settings(url)}", flush=True)
-        for cycle in range(1, n + 1):
-            filled = fill(url, topic, LARGE, start=(cycle - 1) * LARGE)
-            # A relay per cycle: one idle through a fill and a measurement would lose its
-            # session to idle_session_timeout, as a real relay never is.
-            relay = relay_for(url, kafka, CLIENT, topic)
-            try:
+        # One relay for every cycle, idle between drains (a fill, the storage wait):
+        # a lease long enough that its session outlives that (idle_session_timeout).
+        relay = relay_for(url, kafka, CLIENT, topic, lease_seconds=120.0)
+        try:
+            for cycle in range(1, n + 1):
+                filled = fill(url, topic, LARGE, start=(cycle - 1) * LARGE)
                 rate = drain(relay, LARGE)
-            finally:
-                close(relay)
-            storage = _storage(url)
-            print(f"   cycle {cycle}: filled in {filled:.0f}s, drained at {rate:,.0f}/s; "
-                  f"{_describe(storage)}", flush=True)
-            out.append((rate, storage))
+                storage = _storage(url)
+                print(f"   cycle {cycle}: filled in {filled:.0f}s, drained at {rate:,.0f}/s; "
+                      f"{_describe(storage)}", flush=True)
+                out.append((rate, storage))
+        finally:
+            close(relay)
     return out
 
 

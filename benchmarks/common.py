@@ -211,12 +211,15 @@ def relay_for(url: str, kafka: str, client: str, topic: str, **config: Any) -> R
 def drain(relay: Relay, n: int, timeout: float = 900.0) -> float:
     """Run the relay until it has published n more events; returns events/s."""
     goal = relay.published + n
-    started = time.monotonic()
+    started = idle_since = time.monotonic()
     while relay.published < goal:
-        relay.step(wait=False)
-        if time.monotonic() - started > timeout:
+        now = time.monotonic()
+        if relay.step(wait=False):
+            idle_since = now
+        elif now - idle_since > 10.0 or now - started > timeout:
             raise RuntimeError(f"the relay published {relay.published - goal + n:,} of "
-                               f"{n:,} events in {timeout:.0f}s")
+                               f"{n:,} events in {now - started:.0f}s, the last "
+                               f"{now - idle_since:.0f}s with nothing to send")
     return n / (time.monotonic() - started)
 
 
