@@ -1,6 +1,12 @@
 """transactional-outbox: write rows and events in one transaction; relay them to Kafka."""
 
-from outbox.consumer import ConsumerRunner, IdempotentConsumer, idempotent_consumer
+from outbox.consumer import (
+    AsyncIdempotentConsumer,
+    ConsumerConfig,
+    ConsumerRunner,
+    IdempotentConsumer,
+    idempotent_consumer,
+)
 from outbox.errors import (
     ConfigError,
     InvalidHeader,
@@ -18,8 +24,10 @@ from outbox.serde import BytesSerializer, JsonSerializer, Serializer
 from outbox.writer import Outbox
 
 __all__ = [
+    "AsyncIdempotentConsumer",
     "BytesSerializer",
     "ConfigError",
+    "ConsumerConfig",
     "ConsumerRunner",
     "Event",
     "IdempotentConsumer",

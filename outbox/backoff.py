@@ -16,6 +16,14 @@ def jitter(seconds: float) -> float:
     return seconds * (0.5 + random.random() / 2)
 
 
+def exponential(base: float, attempt: int, cap: float) -> float:
+    """The delay before retry number `attempt` (1 for the first): `base` doubled per
+    earlier attempt, never above `cap`. Pass it through `jitter` before sleeping."""
+    if attempt <= 1:
+        return min(base, cap)
+    return min(cap, base * 2.0 ** min(attempt - 1, 60))
+
+
 def first_line(exc: BaseException) -> str:
     """`Type: first line of the message`, short enough for one log line."""
     text = str(exc).strip()

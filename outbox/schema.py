@@ -41,6 +41,7 @@ class Tables:
     dead_letters: sa.Table
     shards: sa.Table
     inbox: sa.Table
+    attempts: sa.Table
 
     @property
     def lock_namespace(self) -> int:
@@ -126,7 +127,20 @@ def make_tables(prefix: str = DEFAULT_PREFIX) -> Tables:
         sa.Column("processed_at", Timestamp, nullable=False),
         sa.Index(f"ix_{p}_inbox_processed_at", "processed_at"),
     )
-    return Tables(p, md, events, dead_letters, shards, inbox)
+    # A consumer's failed handler attempts per event, so `max_attempts` counts across
+    # restarts and rebalances (outbox.consumer.inbox); a row lives only while its event
+    # is being retried.
+    attempts = sa.Table(
+        f"{p}_attempts",
+        md,
+        sa.Column("consumer_group", sa.Text(), primary_key=True),
+        sa.Column("event_id", sa.Uuid(), primary_key=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("updated_at", Timestamp, nullable=False),
+        sa.Index(f"ix_{p}_attempts_updated_at", "updated_at"),
+    )
+    return Tables(p, md, events, dead_letters, shards, inbox, attempts)
 
 
 #: The default tables (prefix "outbox"): what `outbox db upgrade` creates.

@@ -1,9 +1,16 @@
-"""What a user's own test suite needs: an in-memory publisher and a relay run to empty.
+"""What a user's own test suite needs: an in-memory publisher and a relay run to empty,
+and an in-memory Kafka for consumers.
 
     publisher = InMemoryPublisher()
     drain(db_url, publisher)            # every committed event is now in publisher.records
 
 No sleeping in tests waiting for delivery: `drain` returns when the outbox is empty.
+
+    broker = InMemoryBroker()           # topics, partitions, groups, commits, rebalances
+    broker.produce_event(event)
+    runner = ConsumerRunner(Projector(), db_url=url, source=broker.source("g"),
+                            dead_letters=broker.publisher())
+    runner.run_once()                   # the real consumer loop, no Kafka
 """
 
 from __future__ import annotations
@@ -12,6 +19,13 @@ import time
 
 import sqlalchemy as sa
 
+from outbox.consumer.memory import (
+    BrokerDown,
+    BrokerPublisher,
+    InMemoryBroker,
+    InMemorySource,
+    RecordTooLarge,
+)
 from outbox.dburl import sqlalchemy_url
 from outbox.event import kafka_headers
 from outbox.publisher import InMemoryPublisher, Publisher, Record
@@ -91,4 +105,5 @@ def _drain_sqlite(db_url: str, publisher: Publisher, timeout: float,
         engine.dispose()
 
 
-__all__ = ["InMemoryPublisher", "Record", "drain"]
+__all__ = ["BrokerDown", "BrokerPublisher", "InMemoryBroker", "InMemoryPublisher",
+           "InMemorySource", "Record", "RecordTooLarge", "drain"]

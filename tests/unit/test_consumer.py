@@ -1,5 +1,5 @@
 """The consumer's pieces that need no servers: declaration, loading, the CLI's refusals,
-dead-letter headers, metrics, and the kafka-python pause/resume workaround (with fakes)."""
+dead-letter headers, metrics, and the kafka-python source's use of its client (fakes)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from outbox.consumer import (
     ConsumerRunner,
     FunctionConsumer,
     HandlerMisuse,
-    _Hold,
+    TopicPartition,
     consumer,
     dead_letter_headers,
     load_consumer,
@@ -276,46 +276,64 @@ def test_consumer_metrics_count_and_track_lag_per_partition() -> None:
     off.forget("t", 0)
 
 
-# -- holding a partition back (fakes) ----------------------------------------------------
+# -- holding a partition back on kafka-python (fakes) ------------------------------------
 
-class _Parked:
-    def __init__(self) -> None:
-        self.drained = False
+class _PublicOnly:
+    """A KafkaConsumer stand-in that fails any use of a private attribute: the source
+    must not depend on kafka-python's internals (its paused-records bookkeeping)."""
 
-    def drain(self) -> None:
-        self.drained = True
+    def __init__(self, batches: list[dict[Any, list[Any]]]) -> None:
+        self.batches = batches
+        self.calls: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the source used the client's attribute {name!r}")
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        self.calls.append(("poll", max_records))
+        return self.batches.pop(0) if self.batches else {}
+
+    def pause(self, tp: Any) -> None:
+        self.calls.append(("pause", tuple(tp)))
+
+    def resume(self, tp: Any) -> None:
+        self.calls.append(("resume", tuple(tp)))
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self.calls.append(("seek", (*tuple(tp), offset)))
 
 
-class _FakeFetcher:
-    def __init__(self, tp: str) -> None:
-        self._paused_partition_records: dict[str, Any] = {tp: _Parked()}
-        self._paused_completed_fetches: dict[str, Any] = {tp: object(), "other": object()}
+class _Rec:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.topic, self.partition, self.offset = "t", partition, offset
 
 
-class _FakeKafkaConsumer:
-    def __init__(self, tp: str) -> None:
-        self._fetcher = _FakeFetcher(tp)
-        self.resumed: list[str] = []
+def test_the_kafka_source_drains_the_client_before_it_pauses_and_uses_only_its_public_api(
+) -> None:
+    """kafka-python parks the parsed records of a partition paused while they are next in
+    line, and may never give them back (the bug the consumer used to work around through
+    two private attributes). The source takes everything the client buffered on each
+    poll, so none is left in line when it pauses; it hands records out itself."""
+    from kafka.structs import TopicPartition as KafkaTP
 
-    def resume(self, *tps: str) -> None:
-        self.resumed.extend(tps)
+    from outbox.consumer.config import ConsumerConfig
+    from outbox.consumer.kafka_source import DRAIN, KafkaPythonSource
 
-
-def test_a_due_hold_resumes_its_partition_and_drops_the_stale_parked_records() -> None:
-    runner = ConsumerRunner(projector, db_url=DB, kafka="k:1")
-    fake = _FakeKafkaConsumer("tp0")
-    parked = fake._fetcher._paused_partition_records["tp0"]
-    runner._kc = fake
-    runner._holds = {"tp0": _Hold(offset=5, until=0.0), "tp1": _Hold(offset=9, until=1e18)}
-    try:
-        runner._resume_due()
-        assert fake.resumed == ["tp0"]
-        assert runner.held_partitions == {"tp1": 9}
-        assert parked.drained and not fake._fetcher._paused_partition_records
-        assert list(fake._fetcher._paused_completed_fetches) == ["other"]
-    finally:
-        runner._kc = None
-        runner.close()
+    t0, t1 = KafkaTP("t", 0), KafkaTP("t", 1)
+    fake = _PublicOnly([{t0: [_Rec(0, o) for o in range(5)], t1: [_Rec(1, 0)]}])
+    source = KafkaPythonSource(ConsumerConfig(kafka="k:1", max_poll_records=3), "g")
+    source.client = fake
+    got = source.poll(0.1, max_records=3)
+    assert fake.calls == [("poll", DRAIN)]  # everything the client had, in one call
+    assert sum(len(v) for v in got.values()) == 3
+    tp0 = TopicPartition("t", 0)
+    source.seek(tp0, 1)  # a hold at offset 1: back there, and paused
+    source.pause(tp0)
+    assert fake.calls[-2:] == [("seek", ("t", 0, 1)), ("pause", ("t", 0))]
+    rest = source.poll(0.1, max_records=10)  # the held partition's buffer is gone
+    assert all(tp.partition == 1 for tp in rest)
+    source.resume(tp0)
+    assert fake.calls[-1] == ("resume", ("t", 0))
 
 
 # -- nothing left to kafka-python's __del__ at exit (fakes) ------------------------------
@@ -343,7 +361,7 @@ def test_a_kafka_consumer_whose_subscribe_fails_is_closed(monkeypatch: pytest.Mo
     try:
         with pytest.raises(Exception, match="Kafka unavailable"):
             runner.run_once()
-        assert len(made) == 1 and made[0].closed and runner._kc is None
+        assert len(made) == 1 and made[0].closed and runner.source is None
     finally:
         runner.close()
 
@@ -361,10 +379,10 @@ def test_close_closes_the_dead_letter_producer_even_if_the_consumer_fails_to_clo
             closed.append("producer")
 
     runner = ConsumerRunner(projector, db_url=DB, kafka="k:1")
-    runner._kc, runner._dlq = Failing(), Producer()
+    runner.source, runner.dead_letters.publisher = Failing(), Producer()  # type: ignore[assignment]
     runner.close()
     assert closed == ["consumer", "producer"]
-    assert runner._kc is None and runner._dlq is None
+    assert runner.source is None and runner.dead_letters.publisher is None
 
 
 def test_a_kafka_option_the_client_does_not_know_stops_the_runner_instead_of_retrying(

@@ -1,0 +1,123 @@
+"""The applier of `external` consumers: side effects outside the database.
+
+Each event gets its own transaction, and its dedupe record joins that transaction only
+after `handle` returned, so a dedupe record never exists for an effect that did not
+happen. A crash after the effect and before the commit repeats the effect: the handler
+gets `event.id` to use as its idempotency key downstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from outbox.backoff import first_line
+from outbox.consumer.applier import Sessions, connection_lost
+from outbox.consumer.calls import HandlerCalls, HandlerMisuse
+from outbox.consumer.deadletter import REASON_FAILED, REASON_MALFORMED
+from outbox.consumer.inbox import Prior
+from outbox.consumer.outcome import BatchFailed, DeadLetter, Outcome, Parts, Retries
+from outbox.consumer.source import Record, TopicPartition
+from outbox.errors import MalformedRecord
+from outbox.event import Event
+
+
+class ExternalApplier:
+    """Applies a batch one event (and one transaction) at a time."""
+
+    def __init__(self, *, group: str, inbox: Any, sessions: Sessions, calls: HandlerCalls,
+                 retries: Retries, stopping: Callable[[], bool],
+                 dedupe: Callable[[], bool]) -> None:
+        self.group = group
+        self.inbox = inbox
+        self.sessions = sessions
+        self.calls = calls
+        self.retries = retries
+        self.stopping = stopping
+        self.dedupe = dedupe
+
+    def apply(self, parts: Parts) -> Outcome:
+        out = Outcome()
+        ids = list({e.id for _, recs in parts for _, e in recs if isinstance(e, Event)})
+        dedupe = self.dedupe()
+        try:
+            seen: set[uuid.UUID] = set()
+            priors: dict[uuid.UUID, Prior] = {}
+            if ids:
+                with self.sessions() as session:
+                    conn = session.connection()
+                    seen = self.inbox.processed(conn, self.group, ids) if dedupe else set()
+                    priors = self.inbox.priors(conn, self.group, ids)
+            for tp, recs in parts:
+                po = out.part(tp)
+                for record, event in recs:
+                    if self.stopping():
+                        po.rewind = record.offset
+                        break
+                    if isinstance(event, MalformedRecord):
+                        po.dead.append(DeadLetter(tp, record, REASON_MALFORMED, str(event)))
+                    elif event.id in seen:
+                        out.duplicates += 1
+                    else:
+                        prior = priors.get(event.id)
+                        if prior is not None and self.retries.exhausted(prior.attempts):
+                            seen.add(event.id)
+                            po.dead.append(DeadLetter(tp, record, REASON_FAILED,
+                                                      prior.error or "failed before",
+                                                      event.id))
+                        elif not self._one(tp, record, event, prior, dedupe, seen, out):
+                            break
+                    po.next_offset = record.offset + 1
+        except (BatchFailed, HandlerMisuse):
+            raise
+        except sa.exc.SQLAlchemyError as exc:
+            raise BatchFailed(first_line(exc)) from exc
+        return out
+
+    def _one(self, tp: TopicPartition, record: Record, event: Event, prior: Prior | None,
+             dedupe: bool, seen: set[uuid.UUID], out: Outcome) -> bool:
+        with self.sessions() as session:
+            conn = session.connection()
+            root = session.get_transaction()
+            assert root is not None
+            try:
+                self.calls.call(session, (root,), [event], record)
+                # Only now, after the handler succeeded: the dedupe record, in the same
+                # transaction as the handler's own writes.
+                fresh = not dedupe or bool(self.inbox.mark_processed(conn, self.group,
+                                                                     [event.id]))
+                if fresh:
+                    if prior is not None:
+                        self.inbox.forget_attempts(conn, self.group, [event.id])
+                    session.commit()
+                else:
+                    session.rollback()  # another consumer finished it first: keep its effects
+            except HandlerMisuse:
+                raise
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    session.rollback()
+                if connection_lost(exc, conn):
+                    raise BatchFailed(first_line(exc)) from exc
+                error = f"{type(exc).__name__}: {exc}"
+                attempts = self._record_attempt(event.id, error)
+                if self.retries.failed(out, tp, record, event, error, attempts):
+                    seen.add(event.id)
+                    return True
+                return False
+        if dedupe:
+            seen.add(event.id)
+        if fresh:
+            out.processed += 1
+        else:
+            out.duplicates += 1
+        return True
+
+    def _record_attempt(self, event_id: uuid.UUID, error: str) -> int:
+        with self.sessions() as session, session.begin():
+            return int(self.inbox.record_attempt(session.connection(), self.group, event_id,
+                                                 error))
