@@ -3,10 +3,12 @@
 1. One statement claims the batch's event ids (`<prefix>_inbox`, ON CONFLICT DO
    NOTHING): the ids it returns are new, with the attempts earlier runs left; the rest
    were processed before and are skipped. Deduplication costs one round trip per batch.
-2. Each partition's records, in offset order: a new event goes to the handler; one that
-   already failed `max_attempts` times, or a record that is not an event (malformed),
-   is set aside for the dead-letter topic, which the runner sends to after the commit.
-   A `handle_batch` consumer gets all new events in one call.
+2. Each partition's records, in offset order: a new event goes to the handler. One
+   that used up its `max_attempts`, or a record that is not an event (malformed), is
+   set aside for the dead-letter topic; its partition stops there for this batch (the
+   runner sends the copy after the commit, then the partition goes on from the next
+   record). The other partitions go on: a malformed record costs no savepoints. A
+   `handle_batch` consumer gets all new events in one call.
 3. The fast path runs without savepoints (they cost three round trips per event). If a
    handler raises, that transaction rolls back whole and the batch is redone with a
    savepoint per event, so the failure rolls back only its own event and counts as its
@@ -119,18 +121,21 @@ class _Batch:
                     break
                 if isinstance(event, MalformedRecord):
                     po.dead.append(DeadLetter(tp, record, REASON_MALFORMED, str(event)))
-                elif claimed is not None and (event.id not in claimed or event.id in seen):
+                    break  # the rest of the partition waits for the copy
+                if claimed is not None and (event.id not in claimed or event.id in seen):
                     out.duplicates += 1  # processed before, or met earlier in this batch
-                else:
-                    seen.add(event.id)
-                    prior = priors.get(event.id)
-                    if prior is not None and a.retries.exhausted(prior.attempts):
-                        po.dead.append(DeadLetter(tp, record, REASON_FAILED,
-                                                  prior.error or "failed before", event.id))
-                    elif batch is not None:
-                        batch.append((record, event))
-                    elif not self._one(tp, record, event, prior is not None):
-                        break
+                    po.next_offset = record.offset + 1
+                    continue
+                seen.add(event.id)
+                prior = priors.get(event.id)
+                if prior is not None and a.retries.exhausted(prior.attempts):
+                    po.dead.append(DeadLetter(tp, record, REASON_FAILED,
+                                              prior.error or "failed before", event.id))
+                    break
+                if batch is not None:
+                    batch.append((record, event))
+                elif not self._one(tp, record, event, prior is not None):
+                    break  # held, or to be dead-lettered
                 po.next_offset = record.offset + 1
         if batch:
             self._batch(batch)
@@ -157,8 +162,8 @@ class _Batch:
         self.out.processed += len(events)
 
     def _one(self, tp: TopicPartition, record: Record, event: Event, retried: bool) -> bool:
-        """Handle one event. True when done (or dead-lettered), False when its partition
-        must wait for the retry."""
+        """Handle one event. True when done; False when its partition must stop there
+        (held for the retry, or waiting for the event's dead-letter copy)."""
         assert self.root is not None
         if not self.savepoints:
             try:
@@ -200,7 +205,8 @@ class _Batch:
                 exc: Exception) -> bool:
         error = f"{type(exc).__name__}: {exc}"
         attempts = self.a.inbox.record_attempt(self.conn, self.a.group, event.id, error)
-        return self.a.retries.failed(self.out, tp, record, event, error, attempts)
+        self.a.retries.failed(self.out, tp, record, event, error, attempts)
+        return False
 
     def _rollback(self, sp: SessionTransaction, exc: BaseException) -> None:
         """Roll back one event's savepoint; a lost connection fails the whole batch."""
@@ -232,9 +238,11 @@ def disconnect(exc: BaseException) -> bool:
 
 
 def connection_lost(exc: BaseException, conn: sa.Connection) -> bool:
+    """Whether `exc` (raised by a handler) left the batch's connection unusable. Ask
+    before the session gives the connection back."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
-    if conn.invalidated or conn.closed:
+    if conn.invalidated:
         return True
     try:
         raw = conn.connection.driver_connection

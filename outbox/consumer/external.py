@@ -60,17 +60,18 @@ class ExternalApplier:
                         break
                     if isinstance(event, MalformedRecord):
                         po.dead.append(DeadLetter(tp, record, REASON_MALFORMED, str(event)))
-                    elif event.id in seen:
+                        break  # the rest of the partition waits for the copy
+                    if event.id in seen:
                         out.duplicates += 1
-                    else:
-                        prior = priors.get(event.id)
-                        if prior is not None and self.retries.exhausted(prior.attempts):
-                            seen.add(event.id)
-                            po.dead.append(DeadLetter(tp, record, REASON_FAILED,
-                                                      prior.error or "failed before",
-                                                      event.id))
-                        elif not self._one(tp, record, event, prior, dedupe, seen, out):
-                            break
+                        po.next_offset = record.offset + 1
+                        continue
+                    prior = priors.get(event.id)
+                    if prior is not None and self.retries.exhausted(prior.attempts):
+                        po.dead.append(DeadLetter(tp, record, REASON_FAILED,
+                                                  prior.error or "failed before", event.id))
+                        break
+                    if not self._one(tp, record, event, prior, dedupe, seen, out):
+                        break
                     po.next_offset = record.offset + 1
         except (BatchFailed, HandlerMisuse):
             raise
@@ -99,15 +100,14 @@ class ExternalApplier:
             except HandlerMisuse:
                 raise
             except Exception as exc:
+                lost = connection_lost(exc, conn)
                 with contextlib.suppress(Exception):
                     session.rollback()
-                if connection_lost(exc, conn):
+                if lost:
                     raise BatchFailed(first_line(exc)) from exc
                 error = f"{type(exc).__name__}: {exc}"
                 attempts = self._record_attempt(event.id, error)
-                if self.retries.failed(out, tp, record, event, error, attempts):
-                    seen.add(event.id)
-                    return True
+                self.retries.failed(out, tp, record, event, error, attempts)
                 return False
         if dedupe:
             seen.add(event.id)

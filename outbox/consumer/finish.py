@@ -51,20 +51,19 @@ class Finisher:
                 commits[tp] = po.next_offset
             if po.hold is not None:
                 holds[tp] = po.hold
-            for dl in po.dead:
+            for dl in po.dead:  # (at most one: the partition stopped there)
                 hold = self._send(dl)
                 if hold is not None:
-                    commits[tp] = dl.record.offset
                     holds[tp] = hold
-                    break
-                sent.append(dl)
+                else:
+                    sent.append(dl)
         recorded = self._record(sent)
         for dl in sent:
-            if dl not in recorded:  # the copy went, the record of it did not: again later
-                tp = dl.tp
-                if commits.get(tp, dl.record.offset + 1) > dl.record.offset:
-                    commits[tp] = dl.record.offset
-                    holds[tp] = Hold(dl.record.offset, time.monotonic() + 1.0)
+            if dl in recorded:  # done: the partition goes on from the next record
+                commits[dl.tp] = dl.record.offset + 1
+                r._seek(dl.tp, dl.record.offset + 1)
+            else:  # the copy went, the record of it did not: again later
+                holds[dl.tp] = Hold(dl.record.offset, time.monotonic() + 1.0)
         for tp, po in out.parts.items():
             if po.rewind is not None and tp not in holds:
                 r._seek(tp, po.rewind)  # cut short by stop(): the next owner starts there

@@ -44,7 +44,11 @@ class DeadLetter:
 
 @dataclass
 class PartitionOutcome:
-    next_offset: int | None = None  # after the last record finished (or to dead-letter)
+    """Where a partition stands after the transaction: records before `next_offset` are
+    done; at most one record waits for its dead-letter copy (the partition stopped
+    there, and goes on from the next record once the copy is acknowledged)."""
+
+    next_offset: int | None = None
     dead: list[DeadLetter] = field(default_factory=list)
     hold: Hold | None = None
     rewind: int | None = None  # cut short by stop(): seek back here
@@ -85,20 +89,19 @@ class Retries:
         return attempts >= self.max_attempts
 
     def failed(self, out: Outcome, tp: TopicPartition, record: Record, event: Event,
-               error: str, attempts: int) -> bool:
-        """Note a failed attempt. True: the event goes to the dead-letter topic and the
-        partition goes on; False: the partition waits for the retry."""
+               error: str, attempts: int) -> None:
+        """Note a failed attempt: the event goes to the dead-letter topic (its partition
+        goes on once the copy is acknowledged), or its partition waits for the retry."""
         out.failed += 1
         if self.exhausted(attempts):
             out.part(tp).dead.append(DeadLetter(tp, record, REASON_FAILED, error, event.id))
-            return True
+            return
         delay = self.delay(attempts)
         out.part(tp).hold = Hold(record.offset, time.monotonic() + delay)
         self.throttle.warn(
             f"handler {tp}", f"consumer {self.group}: handler failed on event {event.id} "
             f"({record.topic}[{record.partition}] offset {record.offset}), attempt "
             f"{attempts}/{self.max_attempts}: {error}; the partition retries in {delay:.2f}s")
-        return False
 
 
 def decode_batch(batch: Batch, id_header: str) -> Parts:
