@@ -36,6 +36,7 @@ from outbox.consumer.source import (
 )
 from outbox.event import Event
 from outbox.publisher import Delivery
+from outbox.serde import JsonSerializer, Serializer
 
 
 class RecordTooLarge(Exception):
@@ -110,6 +111,15 @@ class InMemoryBroker:
     def produce_event(self, event: Event, partition: int | None = None) -> SourceRecord:
         key, value, headers = event.to_record()
         return self.produce(event.topic, value, key, headers, partition)
+
+    def publish(self, topic: str, *, key: str, type: str, payload: Any,
+                serializer: Serializer | None = None, partition: int | None = None) -> Event:
+        """Produce the record the relay would send for this event (JSON by default)."""
+        ser = serializer or JsonSerializer()
+        event = Event(topic=topic, key=key, type=type, payload=payload,
+                      data=ser.dumps(payload), content_type=ser.content_type)
+        self.produce_event(event, partition)
+        return event
 
     def records(self, topic: str) -> list[SourceRecord]:
         """Every record of a topic, by partition then offset."""

@@ -42,3 +42,41 @@ class Commits(IdempotentConsumer):
     def handle(self, event: Event, session: Session) -> None:
         bump(session, event)
         session.commit()
+
+
+def _note_call(event: Event) -> None:
+    """Append the event id to POISON_CALLS, durably: the test counts calls across
+    processes it SIGKILLs."""
+    path = os.environ.get("POISON_CALLS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{event.id}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Poison(IdempotentConsumer):
+    """Fails every event whose payload says `poison`; a long retry backoff, so a test can
+    kill the process between two attempts."""
+
+    topics = _topics()
+    group_id = "poison"
+    max_attempts = int(os.environ.get("POISON_MAX_ATTEMPTS", "3"))
+    retry_backoff = float(os.environ.get("POISON_RETRY_BACKOFF", "60"))
+
+    def handle(self, event: Event, session: Session) -> None:
+        _note_call(event)
+        if event.payload.get("poison"):
+            raise RuntimeError("poison on purpose")
+        bump(session, event)
+
+
+class HangOnPoison(Poison):
+    """Never returns on a poison event (a call without a timeout): `handler_timeout`."""
+
+    def handle(self, event: Event, session: Session) -> None:
+        _note_call(event)
+        if event.payload.get("poison"):
+            while True:
+                time.sleep(3600)
+        bump(session, event)

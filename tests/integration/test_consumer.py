@@ -555,14 +555,14 @@ def test_a_stalled_consumer_cannot_hold_its_batch_locked_forever(db_url: str) ->
     runner = ConsumerRunner(CounterConsumer("t", "stall"), db_url=db_url, kafka="127.0.0.1:1",
                             idle_tx_timeout=0.5)
     try:
-        with runner._sessions() as session:
+        with runner.db.sessions() as session:
             assert session.scalar(sa.text("SHOW idle_in_transaction_session_timeout")) == "500ms"
-            runner.store.claim_inbox(runner._raw(session), "stall", [uuid.uuid4()])
+            runner.db.inbox.claim(session.connection(), "stall", [uuid.uuid4()])
             time.sleep(1.5)  # stalled inside the transaction, past the timeout
             with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction timeout"):
                 session.execute(sa.text("SELECT 1"))
             session.rollback()
-        with runner._sessions() as session:  # the claim died with the session
+        with runner.db.sessions() as session:  # the claim died with the session
             assert session.scalar(sa.text("SELECT count(*) FROM outbox_inbox")) == 0
     finally:
         runner.close()

@@ -68,7 +68,7 @@ def test_missing_tables_stop_the_consumer_with_the_reason(
     exc = run_to_the_end(runner)
     assert isinstance(exc, ConfigError), exc
     assert "the outbox tables are missing" in str(exc) and "outbox db upgrade" in str(exc)
-    assert runner._kc is None and runner._dlq is None  # closed on the way out
+    assert runner.source is None and runner.dead_letters.publisher is None  # closed
 
 
 def test_a_wrong_password_stops_the_consumer_with_the_reason(

@@ -33,6 +33,7 @@ GRANT SELECT, INSERT ON outbox_dead_letters TO {relay};
 GRANT SELECT, UPDATE ON outbox_shards TO {relay};
 
 GRANT SELECT, INSERT, DELETE ON outbox_inbox TO {consumer};
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_attempts TO {consumer};
 GRANT SELECT, INSERT, UPDATE ON order_view TO {consumer};
 """
 
