@@ -151,6 +151,18 @@ class HandlerCalls:
                     f"the handler ran longer than handler_timeout "
                     f"({self.handler_timeout:g} s) and was cancelled") from exc
 
+    def explain(self, failure: BaseException) -> str | None:
+        """What a batch's lost connection most likely means when a handler call of it
+        outlasted idle_in_transaction_session_timeout (None otherwise)."""
+        if self.slow is None:
+            return None
+        running, took = self.slow
+        return (f"the handler for {running} ran {took:.0f} s, longer than the database's "
+                f"idle_in_transaction_session_timeout ({self.idle_tx_timeout:g} s), which "
+                "ends a transaction left idle that long: most likely why the batch's "
+                f"connection was lost ({failure}); the batch is retried (make the handler "
+                "faster, or raise idle_tx_timeout)")
+
     def misuse(self, what: str, running: Running) -> HandlerMisuse:
         name = type(self.consumer).__name__
         method = "handle_batch" if self.batched else "handle"

@@ -113,7 +113,15 @@ class ConfluentSource:
         self.client = client
 
     def poll(self, timeout: float, max_records: int) -> Batch:
-        messages = self.client.consume(num_messages=max_records, timeout=timeout)
+        # consume() waits for a full batch or the timeout: take what is there, else
+        # wait for the first message only, then what came with it (latency)
+        messages = self.client.consume(num_messages=max_records, timeout=0)
+        if not messages and timeout > 0:
+            first = self.client.poll(timeout)
+            if first is not None:
+                messages = [first, *self.client.consume(num_messages=max_records - 1,
+                                                        timeout=0)] \
+                    if max_records > 1 else [first]
         out: dict[TopicPartition, list[Record]] = {}
         for m in messages:
             error = m.error()

@@ -8,12 +8,10 @@ consumer's parts (see the package docstring for the whole picture):
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import FrameType
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -134,17 +132,7 @@ class ConsumerRunner:
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the runner; one that has not stopped `shutdown_grace`
         seconds later (a handler that hangs) ends the process (see watchdog.py)."""
-        def handler(signum: int, frame: FrameType | None) -> None:
-            self.watchdog.signalled()
-            running = self.calls.running
-            log.info("consumer %s: signal %d, committing what is done and stopping%s",
-                     self.group_id, signum,
-                     f" (waiting up to {self.config.shutdown_grace:g} s for the handler for "
-                     f"{running})" if running is not None else "")
-            self.stop()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        self.watchdog.install_signal_handlers(self.stop)
 
     def healthy(self) -> bool:
         """Kafka and the database reachable, and no partition stuck on a dead letter."""
@@ -261,15 +249,9 @@ class ConsumerRunner:
         """Raise what a failed batch means: a misconfiguration (ConfigError), a handler
         slower than the database allows, or a database outage."""
         self._permanent(exc)
-        if self.calls.slow is not None:
-            running, took = self.calls.slow
-            raise Unavailable(
-                "handler", f"the handler for {running} ran {took:.0f} s, longer than the "
-                "database's idle_in_transaction_session_timeout "
-                f"({self.config.idle_tx_timeout:g} s), which ends a transaction left idle "
-                f"that long: most likely why the batch's connection was lost ({exc}); the "
-                "batch is retried (make the handler faster, or raise idle_tx_timeout)"
-            ) from exc
+        slow = self.calls.explain(exc)
+        if slow:
+            raise Unavailable("handler", slow) from exc
         self._db_ok = False
         raise Unavailable("db", f"database unavailable ({exc}); the batch is retried") from exc
 
