@@ -135,9 +135,10 @@ class ConsumerRunner:
         self.watchdog.install_signal_handlers(self.stop)
 
     def healthy(self) -> bool:
-        """Kafka and the database reachable, and no partition stuck on a dead letter."""
+        """Kafka and the database reachable, no partition stuck on a dead letter, and no
+        handler call past handler_timeout."""
         return (self.source is not None and self._kafka_ok and self._db_ok
-                and not self.partitions.stuck())
+                and not self.partitions.stuck() and not self.watchdog.overdue())
 
     @property
     def held_partitions(self) -> dict[TopicPartition, int]:

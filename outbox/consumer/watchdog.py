@@ -98,6 +98,12 @@ class Watchdog:
                 return
             self.check(time.monotonic())
 
+    def overdue(self) -> bool:
+        """A handler call has run past `handler_timeout` (the process is about to end)."""
+        running, limit = self.calls.running, self.handler_timeout
+        return running is not None and limit is not None and \
+            time.monotonic() - running.started >= limit
+
     def check(self, now: float) -> None:
         """One look at the handler in progress (the loop calls it every tick)."""
         running = self.calls.running

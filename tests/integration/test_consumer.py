@@ -115,6 +115,12 @@ def counter_table(engine: sa.Engine) -> sa.Engine:
     return engine
 
 
+@pytest.fixture(params=["kafka-python", "confluent"])
+def client(request: pytest.FixtureRequest) -> str:
+    """The fault tests run on both Kafka clients."""
+    return str(request.param)
+
+
 @pytest.fixture
 def runners() -> Iterator[list[ConsumerRunner]]:
     """Runners made by a test are closed after it, whatever happens."""
@@ -286,7 +292,7 @@ def test_sigterm_mid_stream_exits_0_promptly_and_commits_what_is_done(
 
 def test_a_failing_event_is_retried_then_dead_lettered_and_the_rest_flows(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,
-    new_topic: Callable[..., str], runners: list[ConsumerRunner]
+    new_topic: Callable[..., str], runners: list[ConsumerRunner], client: str
 ) -> None:
     topic = new_topic(3)
     events = make_events(topic, 60, keys=6)
@@ -308,7 +314,7 @@ def test_a_failing_event_is_retried_then_dead_lettered_and_the_rest_flows(
     produce_events(kafka_bootstrap, topic, events)
     registry = CollectorRegistry()
     runner = make_runner(runners, Poisoned(), db_url, kafka_bootstrap,
-                         metrics=ConsumerMetrics(registry), max_poll_records=20)
+                         metrics=ConsumerMetrics(registry), max_poll_records=20, client=client)
     run_until(runner, lambda: runner.stats.dead_lettered == 1 and runner.stats.processed == 59,
               "59 events applied and 1 dead-lettered")
     # consumption goes on
@@ -354,7 +360,7 @@ def test_a_failing_event_is_retried_then_dead_lettered_and_the_rest_flows(
 
 def test_malformed_records_are_dead_lettered_with_a_reason(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,
-    new_topic: Callable[..., str], runners: list[ConsumerRunner]
+    new_topic: Callable[..., str], runners: list[ConsumerRunner], client: str
 ) -> None:
     topic = new_topic(1)
     good = make_events(topic, 10, keys=3)
@@ -364,7 +370,8 @@ def test_malformed_records_are_dead_lettered_with_a_reason(
     records = [e.to_record() for e in good[:4]] + [no_id, not_json] + \
         [e.to_record() for e in good[4:]]
     produce(kafka_bootstrap, topic, records)
-    runner = make_runner(runners, CounterConsumer(topic, "malformed"), db_url, kafka_bootstrap)
+    runner = make_runner(runners, CounterConsumer(topic, "malformed"), db_url, kafka_bootstrap,
+                         client=client)
     run_until(runner, lambda: runner.stats.processed == 10 and runner.stats.malformed == 2,
               "10 events applied and 2 malformed records dead-lettered")
     assert set(counters(counter_table).values()) == {1}
@@ -379,7 +386,7 @@ def test_malformed_records_are_dead_lettered_with_a_reason(
 
 def test_external_mode_writes_the_dedupe_record_only_after_the_handler_succeeded(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,
-    new_topic: Callable[..., str], runners: list[ConsumerRunner]
+    new_topic: Callable[..., str], runners: list[ConsumerRunner], client: str
 ) -> None:
     topic = new_topic(3)
     events = make_events(topic, 20, keys=4)
@@ -405,7 +412,7 @@ def test_external_mode_writes_the_dedupe_record_only_after_the_handler_succeeded
 
     calls_failed: list[uuid.UUID] = []
     produce_events(kafka_bootstrap, topic, events)
-    runner = make_runner(runners, Mailer(), db_url, kafka_bootstrap)
+    runner = make_runner(runners, Mailer(), db_url, kafka_bootstrap, client=client)
     run_until(runner, lambda: runner.stats.processed == 20, "20 events handled")
     assert calls_failed == [flaky.id] and runner.stats.failed == 1
     assert not any(seen_own_record), "the dedupe record existed while the handler ran"
@@ -501,7 +508,7 @@ def test_a_lost_offset_commit_redelivers_and_the_dedupe_records_skip_it(
 
 def test_a_connection_lost_mid_batch_retries_the_batch_without_counting_a_failure(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,
-    new_topic: Callable[..., str], runners: list[ConsumerRunner]
+    new_topic: Callable[..., str], runners: list[ConsumerRunner], client: str
 ) -> None:
     topic = new_topic(1)
     events = make_events(topic, 50, keys=5)
@@ -518,7 +525,7 @@ def test_a_connection_lost_mid_batch_retries_the_batch_without_counting_a_failur
                 session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
 
     produce_events(kafka_bootstrap, topic, events)
-    runner = make_runner(runners, Fragile(), db_url, kafka_bootstrap)
+    runner = make_runner(runners, Fragile(), db_url, kafka_bootstrap, client=client)
     thread = threading.Thread(target=runner.run)
     thread.start()
     try:

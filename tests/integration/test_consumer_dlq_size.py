@@ -25,6 +25,7 @@ from outbox.consumer import ConsumerRunner
 from outbox.serde import JsonSerializer
 from tests.integration.consumer_app import bump
 from tests.integration.test_consumer import (
+    client,  # noqa: F401  (fixture)
     counter_table,  # noqa: F401  (fixture)
     counters,
     make_runner,
@@ -39,16 +40,16 @@ BROKER_DEFAULT = 1048588  # Kafka's default max.message.bytes
 
 @pytest.fixture
 def admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
-    client = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="outbox-tests")
+    admin_client = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="outbox-tests")
     made: list[str] = []
-    client.made = made
-    yield client
+    admin_client.made = made
+    yield admin_client
     if made:
         try:
-            client.delete_topics(made)
+            admin_client.delete_topics(made)
         except Exception as exc:  # leftovers are unique names; say so, do not fail
             logging.getLogger(__name__).warning("topics not deleted: %s", exc)
-    client.close()
+    admin_client.close()
 
 
 def make_topic(admin: KafkaAdminClient, name: str, max_message_bytes: int) -> str:
@@ -105,14 +106,15 @@ class RefusesBig(IdempotentConsumer):
 def test_a_record_too_large_to_dead_letter_whole_does_not_wedge_its_partition(
     topic_limit: int, big: int, dlq_limit: int, truncated: bool,
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
-    admin: KafkaAdminClient, runners: list[ConsumerRunner],  # noqa: F811
+    admin: KafkaAdminClient, runners: list[ConsumerRunner], client: str,  # noqa: F811
 ) -> None:
     topic = make_topic(admin, f"big-{uuid.uuid4().hex[:10]}", topic_limit)
     make_topic(admin, topic + ".dlq", dlq_limit)
     events = events_around_a_big_one(topic, big)
     produce_large(kafka_bootstrap, topic, events)
 
-    runner = make_runner(runners, RefusesBig(topic, "big"), db_url, kafka_bootstrap)
+    runner = make_runner(runners, RefusesBig(topic, "big"), db_url, kafka_bootstrap,
+                         client=client)
     run_until(runner, lambda: runner.stats.processed == 3 and runner.stats.dead_lettered == 1,
               "the partition to move past the big event", timeout=60)
     assert set(counters(counter_table)) == {events[i].id for i in (0, 2, 3)}
@@ -138,7 +140,7 @@ def test_a_record_too_large_to_dead_letter_whole_does_not_wedge_its_partition(
 
 def test_a_copy_that_cannot_be_sent_even_truncated_fails_loudly_and_the_health_is_red(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
-    admin: KafkaAdminClient, runners: list[ConsumerRunner],  # noqa: F811
+    admin: KafkaAdminClient, runners: list[ConsumerRunner], client: str,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     topic = make_topic(admin, f"big-{uuid.uuid4().hex[:10]}", 3 * MiB)
@@ -146,7 +148,8 @@ def test_a_copy_that_cannot_be_sent_even_truncated_fails_loudly_and_the_health_i
     events = events_around_a_big_one(topic, int(1.5 * MiB))
     produce_large(kafka_bootstrap, topic, events)
 
-    runner = make_runner(runners, RefusesBig(topic, "stuck"), db_url, kafka_bootstrap)
+    runner = make_runner(runners, RefusesBig(topic, "stuck"), db_url, kafka_bootstrap,
+                         client=client)
     run_until(runner, lambda: not runner.healthy() and runner.stats.processed == 1,
               "the runner to report the stuck partition", timeout=60)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

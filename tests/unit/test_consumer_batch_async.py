@@ -4,6 +4,7 @@ in-memory broker and SQLite (aiosqlite for the async consumer)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -216,7 +217,11 @@ def test_the_watchdog_counts_a_handler_past_handler_timeout_and_exits(
     caplog: pytest.LogCaptureFixture
 ) -> None:
     wd, calls, timed_out, exits = make_watchdog()
-    calls.running = running = _running(1, started=100.0)
+    calls.running = running = _running(1, started=time.monotonic())
+    assert not wd.overdue()
+    running.started = time.monotonic() - 31
+    assert wd.overdue()  # past handler_timeout: the health check is red
+    running.started = 100.0
     wd.check(115.0)
     assert exits == [] and "has been running 15 s" in caplog.text
     wd.check(129.9)

@@ -1,0 +1,135 @@
+"""The Kafka clients behind the seam, with fakes: what each is configured with (static
+membership, no auto-commit), and how their errors map onto the seam's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from outbox.consumer import ConsumerConfig, TopicPartition
+from outbox.consumer.confluent_source import ConfluentSource
+from outbox.consumer.kafka_source import KafkaPythonSource
+from outbox.consumer.source import CommitFailed, CommitRefused, SourceUnavailable
+
+
+class Notes:
+    def assigned(self, partitions: Any) -> None: ...
+
+    def revoked(self, partitions: Any) -> None: ...
+
+
+def test_kafka_python_gets_static_membership_and_never_auto_commits(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kafka
+
+    made: dict[str, Any] = {}
+
+    class Fake:
+        def __init__(self, **config: Any) -> None:
+            made.update(config)
+
+        def subscribe(self, **kw: Any) -> None:
+            made["topics"] = kw["topics"]
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Fake)
+    cfg = ConsumerConfig(kafka="a:1,b:2", group_instance_id="pod-1", session_timeout_ms=8000,
+                         kafka_config={"security_protocol": "SSL"})
+    KafkaPythonSource(cfg, "g").subscribe(["t"], Notes())
+    assert made["group_instance_id"] == "pod-1" and made["group_id"] == "g"
+    assert made["enable_auto_commit"] is False and made["session_timeout_ms"] == 8000
+    assert made["bootstrap_servers"] == ["a:1", "b:2"] and made["topics"] == ["t"]
+    assert made["security_protocol"] == "SSL"
+
+
+def test_confluent_gets_static_membership_and_never_auto_commits() -> None:
+    cfg = ConsumerConfig(kafka="a:1", client="confluent", group_instance_id="pod-1",
+                         kafka_config={"security.protocol": "SSL",
+                                       "enable.auto.commit": "true"})
+    settings = ConfluentSource(cfg, "g").settings()
+    assert settings["group.instance.id"] == "pod-1" and settings["group.id"] == "g"
+    assert settings["enable.auto.commit"] is False
+    assert settings["enable.auto.offset.store"] is False
+    assert settings["security.protocol"] == "SSL"
+
+
+class Msg:
+    def __init__(self, partition: int, offset: int, error: Any = None) -> None:
+        self._p, self._o, self._e = partition, offset, error
+
+    def error(self) -> Any:
+        return self._e
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return b"v"
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("ce_id", b"x")]
+
+
+class FakeConfluent:
+    def __init__(self, queue: list[Msg]) -> None:
+        self.queue = queue
+        self.waited: list[float] = []
+        self.commit_error: KafkaException | None = None
+
+    def consume(self, num_messages: int, timeout: float) -> list[Msg]:
+        assert timeout == 0, "consume() waits for a full batch: never with a timeout"
+        taken, self.queue = self.queue[:num_messages], self.queue[num_messages:]
+        return taken
+
+    def poll(self, timeout: float) -> Msg | None:
+        self.waited.append(timeout)
+        return self.queue.pop(0) if self.queue else None
+
+    def pause(self, partitions: Any) -> None: ...
+
+    def resume(self, partitions: Any) -> None: ...
+
+    def seek(self, partition: Any) -> None: ...
+
+    def commit(self, offsets: Any, asynchronous: bool) -> None:
+        if self.commit_error is not None:
+            raise self.commit_error
+
+
+def test_confluent_poll_returns_what_is_there_and_skips_paused_partitions() -> None:
+    source = ConfluentSource(ConsumerConfig(kafka="a:1", client="confluent"), "g")
+    fake = FakeConfluent([Msg(0, 0), Msg(1, 0), Msg(0, 1)])
+    source.client = fake
+    source.pause(TopicPartition("t", 1))
+    got = source.poll(1.0, max_records=10)
+    assert {tp: [r.offset for r in rs] for tp, rs in got.items()} == {
+        TopicPartition("t", 0): [0, 1]}
+    assert fake.waited == []  # records were there: no waiting
+    assert source.poll(0.3, max_records=10) == {} and fake.waited == [0.3]
+
+
+def test_confluent_errors_map_onto_the_seam() -> None:
+    source = ConfluentSource(ConsumerConfig(kafka="a:1", client="confluent"), "g")
+    fake = FakeConfluent([])
+    source.client = fake
+    source._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "down"))
+    with pytest.raises(SourceUnavailable, match="Kafka unavailable"):
+        source.poll(0, 10)
+    assert source.poll(0, 10) == {}  # reported once
+    fake.commit_error = KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
+    with pytest.raises(CommitRefused):
+        source.commit({TopicPartition("t", 0): 1})
+    fake.commit_error = KafkaException(KafkaError(KafkaError._TIMED_OUT))
+    with pytest.raises(CommitFailed):
+        source.commit({TopicPartition("t", 0): 1})
