@@ -419,3 +419,59 @@ def test_records_too_large_for_the_in_memory_topic_are_refused() -> None:
     broker.create_topic("small", max_message_bytes=3)
     with pytest.raises(RecordTooLarge):
         broker.produce("small", b"four")
+
+
+def test_a_copy_sent_but_not_recorded_as_processed_is_sent_again_before_moving_on(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """The database fails between the copy's ack and recording the event: the partition
+    does not move past the record; the copy goes again (at-least-once), then it does."""
+    kit.broker.create_topic("t", partitions=1)
+    evs = events("t", 3, keys=1)
+    for e in evs:
+        kit.broker.produce_event(e)
+    runner = kit.runner(Counter(max_attempts=1, fail=poison(evs[1])))
+    real = runner.db.inbox.mark_processed
+    failures = [sa.exc.OperationalError("INSERT", {}, Exception("database restarting"))]
+
+    def flaky(conn: object, group: str, ids: list[uuid.UUID]) -> object:
+        if failures and list(ids) == [evs[1].id]:  # the dead letter's record, not a claim
+            raise failures.pop()
+        return real(conn, group, ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner.db.inbox, "mark_processed", flaky)
+    run_until(runner, lambda: not failures and runner.held_partitions == {T0: 1})
+    assert kit.broker.committed("g") == {T0: 1} and runner.stats.dead_lettered == 0
+    runner.partitions.release_due(float("inf"))
+    run_until(runner, lambda: runner.stats.dead_lettered == 1 and runner.stats.processed == 2)
+    assert len(kit.broker.records("t.dlq")) == 2  # sent twice: at least once
+    assert evs[1].id in inbox_ids(kit.url, "g") and kit.broker.committed("g") == {T0: 3}
+
+
+def test_a_database_outage_fails_the_batch_which_is_redelivered_whole(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    from outbox.consumer.runner import Unavailable
+
+    kit.broker.create_topic("t", partitions=2)
+    evs = events("t", 6, keys=3)
+    for e in evs:
+        kit.broker.produce_event(e)
+    c = Counter()
+    runner = kit.runner(c)
+    real = runner.db.inbox.claim
+    down = [True]
+
+    def claim(*args: object) -> object:
+        if down[0]:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("connection refused"))
+        return real(*args)
+
+    monkeypatch.setattr(runner.db.inbox, "claim", claim)
+    with pytest.raises(Unavailable, match="database unavailable"):
+        run_until(runner, lambda: False)
+    assert not runner.healthy() and runner.stats.failed == 0 and c.calls == []
+    assert kit.broker.committed("g") == {}
+    down[0] = False
+    run_until(runner, lambda: runner.stats.processed == 6)  # the same records, again
+    assert runner.healthy() and set(counters(kit.url).values()) == {1}
