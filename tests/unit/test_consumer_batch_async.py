@@ -280,3 +280,18 @@ def test_handler_calls_report_the_running_call() -> None:
     assert c.batched and not c.is_async and c.running is None
     r = _running(2, 0.0)
     assert str(r).startswith(f"a batch of 2 events from event {r.event_id} (t[0] offset 5)")
+
+
+def test_an_async_consumer_in_external_mode(kit: Kit) -> None:  # noqa: F811
+    kit.broker.create_topic("t", partitions=1)
+    evs = events("t", 3, keys=1)
+    for e in evs + evs[:1]:
+        kit.broker.produce_event(e)
+
+    class Mailer(AsyncCounter):
+        external = True
+
+    c = Mailer()
+    runner = kit.runner(c)
+    run_until(runner, lambda: runner.stats.processed == 3 and runner.stats.duplicates == 1)
+    assert c.calls == [0, 1, 2] and set(counters(kit.url).values()) == {1}
