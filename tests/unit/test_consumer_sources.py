@@ -133,3 +133,39 @@ def test_confluent_errors_map_onto_the_seam() -> None:
     fake.commit_error = KafkaException(KafkaError(KafkaError._TIMED_OUT))
     with pytest.raises(CommitFailed):
         source.commit({TopicPartition("t", 0): 1})
+
+
+def test_kafka_python_source_pauses_a_partition_whose_buffer_is_full_until_it_drains(
+) -> None:
+    """Flow control: the source takes everything kafka-python buffered, so it pauses a
+    partition it holds too many records of, and resumes it once the runner caught up."""
+    from kafka.structs import TopicPartition as KafkaTP
+
+    class Rec:
+        def __init__(self, offset: int) -> None:
+            self.topic, self.partition, self.offset = "t", 0, offset
+
+    class Fake:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.batches = [{KafkaTP("t", 0): [Rec(o) for o in range(30)]}]
+
+        def poll(self, timeout_ms: int, max_records: int) -> Any:
+            return self.batches.pop(0) if self.batches else {}
+
+        def pause(self, tp: Any) -> None:
+            self.calls.append("pause")
+
+        def resume(self, tp: Any) -> None:
+            self.calls.append("resume")
+
+    source = KafkaPythonSource(ConsumerConfig(kafka="k:1", max_poll_records=5), "g")
+    source.flow_limit = 20
+    source.client = fake = Fake()
+    got = source.poll(0, max_records=5)
+    assert [r.offset for r in got[TopicPartition("t", 0)]] == [0, 1, 2, 3, 4]
+    assert fake.calls == ["pause"]  # 25 left, more than the limit
+    offsets: list[int] = []
+    while len(offsets) < 25:
+        offsets += [r.offset for rs in source.poll(0, 5).values() for r in rs]
+    assert offsets == list(range(5, 30)) and fake.calls == ["pause", "resume"]
