@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import Any
 
 from outbox.consumer.source import CLIENTS
 from outbox.errors import ConfigError
+from outbox.publisher import KafkaSettings, Publisher, make_publisher
 from outbox.schema import DEFAULT_PREFIX, validate_prefix
 
 #: The dead-letter producer's request limit, far above Kafka's default message size
@@ -105,12 +107,27 @@ def open_source(config: ConsumerConfig, group_id: str) -> Any:
     return KafkaPythonSource(config, group_id)
 
 
-def dead_letter_publisher(config: ConsumerConfig) -> Any:
-    """The Publisher dead-letter copies go through, on the same client as the source."""
+def dead_letter_settings(config: ConsumerConfig) -> KafkaSettings:
+    """The dead-letter producer's settings, as the relay's (idempotent, acks=all, checked
+    by the publisher), with no linger and a request limit large enough for any copy (the
+    dead-letter topic's own limit decides). Of the consumer's --kafka-option settings only
+    the security ones (security/sasl/ssl) reach the producer: the rest are consumer
+    settings."""
+    timeout_ms = int(config.dlq_timeout * 1000)
     if config.client == "confluent":
-        from outbox.consumer.confluent_source import ConfluentDeadLetterPublisher
+        prefixes: tuple[str, ...] = ("security.", "sasl.", "ssl.")
+        extra: dict[str, Any] = {"logger": logging.getLogger("kafka.librdkafka")}
+    else:
+        prefixes = ("security_", "sasl_", "ssl_")
+        extra = {"bootstrap_timeout_ms": 5000}
+    extra.update((k, v) for k, v in config.kafka_config.items() if k.startswith(prefixes))
+    return KafkaSettings(
+        config.kafka, linger_ms=0, max_request_size=DLQ_MAX_REQUEST_BYTES,
+        request_timeout_ms=min(30_000, timeout_ms), delivery_timeout_ms=max(timeout_ms, 1000),
+        client_id=f"{config.name_client()}-dlq", max_block_ms=timeout_ms, extra=extra)
 
-        return ConfluentDeadLetterPublisher(config)
-    from outbox.consumer.kafka_source import kafka_dead_letter_publisher
 
-    return kafka_dead_letter_publisher(config)
+def dead_letter_publisher(config: ConsumerConfig) -> Publisher:
+    """The Publisher dead-letter copies go through: the relay's own (`make_publisher`) on
+    the same client as the source, so it fails stop and recovers as the relay's does."""
+    return make_publisher(config.client, dead_letter_settings(config))

@@ -1,4 +1,4 @@
-"""The confluent-kafka RecordSource and dead-letter publisher (the `[confluent]` extra).
+"""The confluent-kafka RecordSource (the `[confluent]` extra).
 
 librdkafka fetches and decodes in its own C threads, off the GIL: the fast client.
 Select it with `outbox consume --client confluent` (OUTBOX_KAFKA_CLIENT=confluent).
@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from outbox.consumer.config import DLQ_MAX_REQUEST_BYTES, ConsumerConfig
+from outbox.consumer.config import ConsumerConfig
 from outbox.consumer.source import (
     Batch,
     CommitFailed,
@@ -27,10 +27,9 @@ from outbox.consumer.source import (
     TopicPartition,
 )
 from outbox.errors import ConfigError
-from outbox.publisher import Delivery
 
 try:
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+    from confluent_kafka import Consumer, KafkaError, KafkaException
     from confluent_kafka import TopicPartition as ConfluentTP
 except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ConfigError("the confluent-kafka client is an optional extra: "
@@ -43,7 +42,6 @@ CLIENT_LOG = logging.getLogger("kafka.librdkafka")
 _REFUSED = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
             KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST, KafkaError._STATE}
 _DOWN = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
-_TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE}
 
 
 def _ctp(tp: TopicPartition, offset: int | None = None) -> Any:
@@ -193,80 +191,3 @@ class ConfluentSource:
         if client is not None:
             client.close()
 
-
-class _Delivery:
-    __slots__ = ("_done", "_error")
-
-    def __init__(self) -> None:
-        self._done = False
-        self._error: BaseException | None = None
-
-    def __call__(self, error: Any, message: Any) -> None:
-        if error is not None:
-            self._error = DeadLetterRefused(error)
-        self._done = True
-
-    def done(self) -> bool:
-        return self._done
-
-    def error(self) -> BaseException | None:
-        return self._error
-
-
-class DeadLetterRefused(Exception):
-    """librdkafka did not deliver a copy; `too_large` when it was refused for its size."""
-
-    def __init__(self, error: Any) -> None:
-        super().__init__(f"{error.name()}: {error.str()}")
-        self.too_large = error.code() in _TOO_LARGE
-
-
-class ConfluentDeadLetterPublisher:
-    """The dead-letter Publisher on confluent-kafka: idempotent, acks=all, and a request
-    limit large enough for any copy (the dead-letter topic's own limit decides)."""
-
-    def __init__(self, config: ConsumerConfig) -> None:
-        timeout_ms = int(config.dlq_timeout * 1000)
-        security = {k: v for k, v in config.kafka_config.items()
-                    if k.startswith(("security.", "sasl.", "ssl."))}
-        self.settings = {
-            "bootstrap.servers": config.kafka, "client.id": f"{config.name_client()}-dlq",
-            "enable.idempotence": True, "acks": "all", "linger.ms": 0,
-            "message.max.bytes": DLQ_MAX_REQUEST_BYTES,
-            "delivery.timeout.ms": max(timeout_ms, 1000), "logger": CLIENT_LOG, **security}
-        self._producer = self._make()
-
-    def _make(self) -> Any:
-        try:
-            return Producer(self.settings)
-        except KafkaException as exc:
-            raise ConfigError(f"confluent-kafka refused the producer settings: {exc}") from exc
-
-    def send(self, topic: str, key: bytes, value: bytes, headers: Any) -> Delivery:
-        delivery = _Delivery()
-        try:
-            self._producer.produce(topic, value, key, on_delivery=delivery,
-                                   headers=list(headers))
-        except KafkaException as exc:
-            delivery(exc.args[0], None)
-        except BufferError as exc:
-            delivery._error, delivery._done = exc, True
-        return delivery
-
-    def flush(self, timeout: float) -> None:
-        self._producer.flush(timeout)
-
-    def recover(self) -> None:
-        self._drop()
-        self._producer = self._make()
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._producer.flush(max(0.0, timeout)):
-            self._drop()
-
-    def _drop(self) -> None:
-        try:
-            self._producer.purge(True, True, False)
-            self._producer.flush(0)
-        except Exception as exc:  # a broken producer is being thrown away anyway
-            log.debug("dead-letter producer not purged: %s", exc)

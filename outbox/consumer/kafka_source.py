@@ -1,4 +1,4 @@
-"""The kafka-python RecordSource (the default client) and its dead-letter publisher.
+"""The kafka-python RecordSource (the default client).
 
 Only kafka-python's public API is used. Its fetcher parks the records it had parsed for
 a partition that gets paused, and on a quiet topic may never give them back after the
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from outbox.backoff import first_line
-from outbox.consumer.config import DLQ_MAX_REQUEST_BYTES, ConsumerConfig
+from outbox.consumer.config import ConsumerConfig
 from outbox.consumer.source import (
     Batch,
     CommitFailed,
@@ -248,17 +248,3 @@ def _listener(source: KafkaPythonSource, listener: RebalanceListener) -> Any:
 
     return Listener()
 
-
-def kafka_dead_letter_publisher(config: ConsumerConfig) -> Any:
-    """The dead-letter copies' Publisher: the relay's KafkaPublisher (idempotent,
-    acks=all), with a request limit large enough for any copy (the topic decides)."""
-    from outbox.publisher import KafkaPublisher, KafkaSettings
-
-    timeout_ms = int(config.dlq_timeout * 1000)
-    security = {k: v for k, v in config.kafka_config.items()
-                if k.startswith(("security_", "sasl_", "ssl_"))}
-    return KafkaPublisher(KafkaSettings(
-        config.kafka, linger_ms=0, max_request_size=DLQ_MAX_REQUEST_BYTES,
-        request_timeout_ms=min(30_000, timeout_ms), delivery_timeout_ms=max(timeout_ms, 1000),
-        client_id=f"{config.name_client()}-dlq", max_block_ms=timeout_ms,
-        extra={"bootstrap_timeout_ms": 5000, **security}))

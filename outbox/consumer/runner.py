@@ -324,7 +324,7 @@ def _publisher_factory(given: Publisher | Callable[[], Publisher] | None,
                        config: ConsumerConfig) -> Callable[[], Publisher]:
     """What makes the dead-letter Publisher: the client's own, or the one given."""
     if given is None:
-        return lambda: cast(Publisher, dead_letter_publisher(config))
+        return lambda: dead_letter_publisher(config)
     if hasattr(given, "send"):
         return lambda: cast(Publisher, given)
     return given

@@ -136,4 +136,8 @@ TOO_LARGE = frozenset({"MessageSizeTooLargeError", "RecordListTooLargeError",
 def is_too_large(error: BaseException) -> bool:
     """Whether a failed send was refused for the record's size (it may fit truncated)."""
     flag = getattr(error, "too_large", None)
-    return bool(flag) if flag is not None else type(error).__name__ in TOO_LARGE
+    if flag is not None:
+        return bool(flag)
+    # kafka-python raises the error class itself; the confluent publisher's DeliveryFailed
+    # names it in `kind` (outbox.confluent.classify)
+    return type(error).__name__ in TOO_LARGE or getattr(error, "kind", None) in TOO_LARGE
