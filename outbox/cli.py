@@ -501,7 +501,9 @@ def consume(target: str, db_url: str, kafka: str, table_prefix: str, group_id: s
     try:
         options = parse_options(kafka_options, client)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--kafka-option") from None
+        raise click.UsageError(str(exc)) from None
+    if client == "confluent":
+        _check_confluent()
     try:
         handler = load_consumer(target)
         registry = _metrics_registry(metrics_port)

@@ -131,3 +131,17 @@ def test_a_config_object_and_keywords_combine() -> None:
         assert config.group_id is None  # the caller's object is not changed
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("command", ["relay", "consume"])
+def test_client_confluent_without_the_extra_says_how_to_get_it(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # import raises ImportError
+    args = [command, *(["tests.unit.test_consumer:on_order"] if command == "consume" else []),
+            "--db", DB, "--kafka", "k:1", "--client", "confluent"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "pip install 'transactional-outbox[confluent]'" in result.output
