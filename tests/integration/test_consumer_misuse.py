@@ -1,7 +1,7 @@
 """A handler that commits (or rolls back) the runner's session: caught before anything of
 the batch is committed, and the batch rolls back whole.
 
-The choice (documented in outbox/consumer.py): such a handler is a programming error,
+The choice (documented in outbox/consumer/calls.py): such a handler is a programming error,
 not a bad event, so the runner stops with HandlerMisuse instead of dead-lettering
 every event it touches. Nothing of the batch is committed, neither in the database nor
 in Kafka; a fixed handler then applies every event of the batch exactly once.
@@ -29,7 +29,6 @@ from tests.integration.test_consumer import (
     inbox_ids,
     make_events,
     make_runner,
-    produce,
     produce_events,
     run_until,
     runners,  # noqa: F401  (fixture)
@@ -37,6 +36,14 @@ from tests.integration.test_consumer import (
 )
 
 Misuse = Callable[[Session], None]
+
+
+def attempts_in(engine: sa.Engine, group: str) -> dict[uuid.UUID, int]:
+    """The group's failed attempts per event, as committed in outbox_attempts."""
+    with engine.connect() as c:
+        return {r[0]: r[1] for r in c.execute(sa.text(
+            "SELECT event_id, attempts FROM outbox_attempts WHERE consumer_group = :g"),
+            {"g": group})}
 
 
 def _commit(session: Session) -> None:
@@ -62,18 +69,31 @@ def _commit_inside_own_savepoint(session: Session) -> None:
 
 
 class Misbehaving(IdempotentConsumer):
-    """Bumps the counter; misbehaves on the event whose `i` is `bad_at`."""
+    """Bumps the counter; misbehaves on the event whose `i` is `bad_at`.
+
+    For the savepoint path: `fail_at` raises on that event (a bad event, on every call),
+    and with `misuse_in_savepoint` the misuse happens only while the runner's savepoint
+    is open, so the fast path gets past `bad_at` and fails at `fail_at`, and the misuse
+    then happens in the savepoint redo. `calls` notes (i, inside a savepoint) per call."""
 
     def __init__(self, topic: str, group: str, misuse: Misuse | None, bad_at: int = 6,
-                 external: bool = False) -> None:
+                 external: bool = False, fail_at: int | None = None,
+                 misuse_in_savepoint: bool = False) -> None:
         self.topics = [topic]
         self.group_id = group
         self.misuse, self.bad_at = misuse, bad_at
         self.external = external
+        self.fail_at, self.misuse_in_savepoint = fail_at, misuse_in_savepoint
+        self.calls: list[tuple[int, bool]] = []
 
     def handle(self, event: Event, session: Session) -> None:
+        i, nested = event.payload["i"], session.in_nested_transaction()
+        self.calls.append((i, nested))
         bump(session, event)
-        if self.misuse is not None and event.payload["i"] == self.bad_at:
+        if i == self.fail_at:
+            raise ValueError("a bad event, on purpose")
+        if self.misuse is not None and i == self.bad_at and (
+                nested or not self.misuse_in_savepoint):
             self.misuse(session)
 
 
@@ -88,11 +108,15 @@ def test_a_handler_that_ends_the_runners_transaction_commits_nothing_of_the_batc
     topic = new_topic(1)
     group = f"misuse-{uuid.uuid4().hex[:6]}"
     events = make_events(topic, 10, keys=1)
-    records = [e.to_record() for e in events]
-    if path == "savepoints":  # a malformed record makes the batch run with savepoints
-        records.insert(2, (b"k0", b"{}", [("ce_type", b"NoId")]))
-    produce(kafka_bootstrap, topic, records)
-    bad = Misbehaving(topic, group, misuse, external=path == "external")
+    produce_events(kafka_bootstrap, topic, events)
+    # The savepoint path: a handler that raises on the fast path (event 7) makes the
+    # batch redo with a savepoint per event (outbox/consumer/applier.py). A malformed
+    # record no longer does: it ends its partition's part of the batch before it, and the
+    # events before it commit on the fast path. The misuse at event 6 then happens
+    # inside the runner's savepoint, in the redo, before the redo reaches event 7.
+    savepoints = path == "savepoints"
+    bad = Misbehaving(topic, group, misuse, external=path == "external",
+                      fail_at=7 if savepoints else None, misuse_in_savepoint=savepoints)
     runner = make_runner(runners, bad, db_url, kafka_bootstrap, max_poll_records=10)
     with pytest.raises(HandlerMisuse, match=r"Misbehaving\.handle .*event "
                        + str(events[6].id)):
@@ -100,8 +124,13 @@ def test_a_handler_that_ends_the_runners_transaction_commits_nothing_of_the_batc
         while time.monotonic() < deadline:  # polls until the batch arrives
             runner.run_once(0.2)
     runner.close()
+    if savepoints:  # the fast path got to event 7; the redo, in savepoints, to event 6
+        assert bad.calls == [(i, False) for i in range(8)] + [(i, True) for i in range(7)]
 
-    # One transaction for the batch: none of it is done. External mode has one per event:
+    # One transaction for the batch: none of it is done. On the savepoint path too, the
+    # guarantee the rebuild keeps: the misused transaction commits nothing of the batch,
+    # not the events before the misuse (released savepoints are part of it), and not
+    # event 7's failed attempt either. External mode has one transaction per event:
     # the events before the bad one are done for good (dedupe records and effects
     # together); the bad one and everything after it left no trace.
     done = {e.id for e in events[:6]} if path == "external" else set()
@@ -110,6 +139,7 @@ def test_a_handler_that_ends_the_runners_transaction_commits_nothing_of_the_batc
     # no offset of the aborted batch is committed (in external mode, the dedupe records
     # of the events done skip their redelivery)
     assert committed_offsets(kafka_bootstrap, group) == {}
+    assert attempts_in(counter_table, group) == {}
 
     # The handler fixed, the same group applies every event of the batch exactly once.
     good = Misbehaving(topic, group, None, external=path == "external")
