@@ -150,9 +150,10 @@ class CounterConsumer(IdempotentConsumer):
 # -- processes ---------------------------------------------------------------------------
 
 def start_consumer(target: str, db_url: str, kafka: str, topic: str, group: str,
-                   log: Path, delay: float = 0.0, max_poll_records: int = 200
-                   ) -> subprocess.Popen[bytes]:
+                   log: Path, delay: float = 0.0, max_poll_records: int = 200,
+                   client: str = "kafka-python") -> subprocess.Popen[bytes]:
     env = {**os.environ, "COUNTER_TOPICS": topic, "COUNTER_DELAY": str(delay),
+           "OUTBOX_KAFKA_CLIENT": client,
            "OUTBOX_DATABASE_URL": db_url, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka,
            "OUTBOX_GROUP_ID": group, "OUTBOX_MAX_POLL_RECORDS": str(max_poll_records),
            "OUTBOX_KAFKA_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"}

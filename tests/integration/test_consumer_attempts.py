@@ -17,6 +17,7 @@ from outbox import Event
 from outbox.consumer import EXIT_HANDLER_TIMEOUT
 from outbox.serde import JsonSerializer
 from tests.integration.test_consumer import (
+    client,  # noqa: F401  (fixture)
     counter_table,  # noqa: F401  (fixture)
     counters,
     inbox_ids,
@@ -48,7 +49,7 @@ def attempts_of(engine: sa.Engine, event_id: uuid.UUID) -> int:
 def test_a_poison_event_is_dead_lettered_after_max_attempts_in_total_across_sigkills(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
     new_topic: Callable[..., str], processes: list, tmp_path: Path,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, client: str,  # noqa: F811
 ) -> None:
     topic = new_topic(1)
     group = f"poison-{uuid.uuid4().hex[:6]}"
@@ -61,7 +62,8 @@ def test_a_poison_event_is_dead_lettered_after_max_attempts_in_total_across_sigk
 
     for attempt in range(1, MAX_ATTEMPTS):
         proc = start_consumer("tests.integration.misbehaving_app:Poison", db_url,
-                              kafka_bootstrap, topic, group, tmp_path / f"run{attempt}.log")
+                              kafka_bootstrap, topic, group, tmp_path / f"run{attempt}.log",
+                              client=client)
         processes.append(proc)
         wait_for(f"attempt {attempt} recorded",
                  lambda a=attempt: attempts_of(counter_table, bad.id) == a, 60,  # type: ignore[misc]
@@ -71,7 +73,7 @@ def test_a_poison_event_is_dead_lettered_after_max_attempts_in_total_across_sigk
     assert calls.read_text().split().count(str(bad.id)) == MAX_ATTEMPTS - 1
 
     last = start_consumer("tests.integration.misbehaving_app:Poison", db_url, kafka_bootstrap,
-                          topic, group, tmp_path / "last.log")
+                          topic, group, tmp_path / "last.log", client=client)
     processes.append(last)
     wait_for("the rest applied", lambda: len(counters(counter_table)) == 2, 60,
              step=lambda: time.sleep(0.2))
@@ -93,7 +95,7 @@ def test_a_poison_event_is_dead_lettered_after_max_attempts_in_total_across_sigk
 def test_a_handler_that_hangs_past_handler_timeout_costs_one_attempt_per_run(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
     new_topic: Callable[..., str], processes: list, tmp_path: Path,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, client: str,  # noqa: F811
 ) -> None:
     topic = new_topic(1)
     group = f"hang-{uuid.uuid4().hex[:6]}"
@@ -104,7 +106,7 @@ def test_a_handler_that_hangs_past_handler_timeout_costs_one_attempt_per_run(
     for run in (1, 2):  # each run: the handler hangs, the watchdog counts it and exits
         log = tmp_path / f"run{run}.log"
         proc = start_consumer("tests.integration.misbehaving_app:HangOnPoison", db_url,
-                              kafka_bootstrap, topic, group, log)
+                              kafka_bootstrap, topic, group, log, client=client)
         processes.append(proc)
         started = time.monotonic()
         assert proc.wait(timeout=60) == EXIT_HANDLER_TIMEOUT, log.read_text()[-3000:]
@@ -117,7 +119,7 @@ def test_a_handler_that_hangs_past_handler_timeout_costs_one_attempt_per_run(
     # the third run does not call the handler for it: dead-lettered, the rest applied
     log = tmp_path / "run3.log"
     last = start_consumer("tests.integration.misbehaving_app:HangOnPoison", db_url,
-                          kafka_bootstrap, topic, group, log)
+                          kafka_bootstrap, topic, group, log, client=client)
     processes.append(last)
     wait_for("the rest applied", lambda: len(counters(counter_table)) == 2, 60,
              step=lambda: time.sleep(0.2))

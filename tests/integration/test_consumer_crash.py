@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from outbox._faults import EXIT_CODE
 from tests.integration.test_consumer import (
+    client,  # noqa: F401  (fixture)
     committed_offsets,
     counter_table,  # noqa: F401  (fixture)
     counters,
@@ -30,7 +31,7 @@ from tests.integration.test_consumer import (
 def test_a_consumer_killed_after_its_database_commit_loses_nothing_and_applies_once(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
     new_topic: Callable[..., str], processes: list,  # noqa: F811
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str,  # noqa: F811
 ) -> None:
     topic = new_topic(1)
     group = f"crash-{uuid.uuid4().hex[:6]}"
@@ -39,7 +40,8 @@ def test_a_consumer_killed_after_its_database_commit_loses_nothing_and_applies_o
 
     monkeypatch.setenv("OUTBOX_FAULT_CRASH", "consumer.after_commit:1")
     crashing = start_consumer("tests.integration.consumer_app:Counter", db_url,
-                              kafka_bootstrap, topic, group, tmp_path / "crash.log")
+                              kafka_bootstrap, topic, group, tmp_path / "crash.log",
+                              client=client)
     processes.append(crashing)
     assert crashing.wait(timeout=60) == EXIT_CODE
     assert "crash point consumer.after_commit reached" in (tmp_path / "crash.log").read_text()
@@ -49,7 +51,7 @@ def test_a_consumer_killed_after_its_database_commit_loses_nothing_and_applies_o
 
     monkeypatch.delenv("OUTBOX_FAULT_CRASH")
     again = start_consumer("tests.integration.consumer_app:Counter", db_url, kafka_bootstrap,
-                           topic, group, tmp_path / "again.log")
+                           topic, group, tmp_path / "again.log", client=client)
     processes.append(again)
     wait_for("every offset committed",
              lambda: sum(committed_offsets(kafka_bootstrap, group).values()) == 50, 60,

@@ -23,6 +23,7 @@ from outbox import Event, IdempotentConsumer
 from outbox.consumer import EXIT_NOT_STOPPED, ConsumerRunner
 from tests.integration.consumer_app import bump
 from tests.integration.test_consumer import (
+    client,  # noqa: F401  (fixture)
     committed_offsets,
     counter_table,  # noqa: F401  (fixture)
     counters,
@@ -44,7 +45,7 @@ REPORT = 10.0  # and its default hang_report_interval
 def test_a_hanging_handler_is_reported_and_sigterm_ends_the_process_within_the_grace(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
     new_topic: Callable[..., str], processes: list,  # noqa: F811
-    tmp_path: Path,
+    tmp_path: Path, client: str,  # noqa: F811
 ) -> None:
     topic = new_topic(1)
     group = f"hang-{uuid.uuid4().hex[:6]}"
@@ -52,7 +53,7 @@ def test_a_hanging_handler_is_reported_and_sigterm_ends_the_process_within_the_g
     produce_events(kafka_bootstrap, topic, events)
     log = tmp_path / "hang.log"
     proc = start_consumer("tests.integration.misbehaving_app:Hang", db_url, kafka_bootstrap,
-                          topic, group, log)
+                          topic, group, log, client=client)
     processes.append(proc)
 
     line = re.compile(rf"handler for event {events[0].id} \({re.escape(topic)}\[0\] offset 0\)"
@@ -87,7 +88,7 @@ def test_a_hanging_handler_is_reported_and_sigterm_ends_the_process_within_the_g
 def test_a_handler_slower_than_the_idle_transaction_timeout_is_not_called_an_outage(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
     new_topic: Callable[..., str], runners: list[ConsumerRunner],  # noqa: F811
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, client: str,  # noqa: F811
 ) -> None:
     topic = new_topic(1)
     events = make_events(topic, 4, keys=1)
@@ -104,7 +105,8 @@ def test_a_handler_slower_than_the_idle_transaction_timeout_is_not_called_an_out
                 slow_once.append(event.id)
                 time.sleep(2.2)  # idle in the batch's transaction past the timeout
 
-    runner = make_runner(runners, SlowOnce(), db_url, kafka_bootstrap, idle_tx_timeout=1.0)
+    runner = make_runner(runners, SlowOnce(), db_url, kafka_bootstrap, idle_tx_timeout=1.0,
+                         client=client)
     caplog.set_level(logging.WARNING, logger="outbox.consumer")
     # run() turns the failed batch into a warning and retries; run_once shows the raise
     with pytest.raises(Exception, match=(

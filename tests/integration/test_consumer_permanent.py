@@ -22,6 +22,7 @@ from outbox.errors import ConfigError
 from tests.integration.conftest import _admin_exec
 from tests.integration.test_consumer import (
     CounterConsumer,
+    client,  # noqa: F401  (fixture)
     counter_table,  # noqa: F401  (fixture)
     make_events,
     produce_events,
@@ -59,12 +60,13 @@ def run_to_the_end(runner: ConsumerRunner, timeout: float = 30) -> BaseException
 
 
 def test_missing_tables_stop_the_consumer_with_the_reason(
-    bare_db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str]
+    bare_db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str],
+    client: str,  # noqa: F811
 ) -> None:
     topic = new_topic(1)
     produce_events(kafka_bootstrap, topic, make_events(topic, 5, keys=1))
     runner = ConsumerRunner(CounterConsumer(topic, "bare"), db_url=bare_db_url,
-                            kafka=kafka_bootstrap, session_timeout_ms=6000)
+                            kafka=kafka_bootstrap, session_timeout_ms=6000, client=client)
     exc = run_to_the_end(runner)
     assert isinstance(exc, ConfigError), exc
     assert "the outbox tables are missing" in str(exc) and "outbox db upgrade" in str(exc)
@@ -72,12 +74,13 @@ def test_missing_tables_stop_the_consumer_with_the_reason(
 
 
 def test_a_wrong_password_stops_the_consumer_with_the_reason(
-    db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str]
+    db_url: str, kafka_bootstrap: str, new_topic: Callable[..., str],
+    client: str,  # noqa: F811
 ) -> None:
     wrong = make_url(db_url).set(password="not-the-password").render_as_string(
         hide_password=False)
     runner = ConsumerRunner(CounterConsumer(new_topic(1), "pw"), db_url=wrong,
-                            kafka=kafka_bootstrap, session_timeout_ms=6000)
+                            kafka=kafka_bootstrap, session_timeout_ms=6000, client=client)
     exc = run_to_the_end(runner)
     assert isinstance(exc, ConfigError), exc
     assert "authentication failed" in str(exc)
@@ -86,12 +89,12 @@ def test_a_wrong_password_stops_the_consumer_with_the_reason(
 
 def test_tables_dropped_while_running_stop_the_batch_loop_with_the_reason(
     counter_table: sa.Engine, db_url: str, kafka_bootstrap: str,  # noqa: F811
-    new_topic: Callable[..., str],
+    new_topic: Callable[..., str], client: str,  # noqa: F811
 ) -> None:
     topic = new_topic(1)
     produce_events(kafka_bootstrap, topic, make_events(topic, 5, keys=1))
     runner = ConsumerRunner(CounterConsumer(topic, "dropped"), db_url=db_url,
-                            kafka=kafka_bootstrap, session_timeout_ms=6000)
+                            kafka=kafka_bootstrap, session_timeout_ms=6000, client=client)
     try:
         run_until(runner, lambda: runner.stats.processed == 5, "5 events applied")
     except BaseException:
