@@ -52,6 +52,7 @@ class KafkaPythonSource:
         self._held: set[TopicPartition] = set()  # paused by the runner
         self._flow: set[TopicPartition] = set()  # paused by this source (full buffer)
         self._revoked: list[TopicPartition] = []
+        self._assigned: list[TopicPartition] = []
         self._lock = threading.Lock()
         self._last_client_poll = 0.0
         self._turn = 0
@@ -96,6 +97,10 @@ class KafkaPythonSource:
         with self._lock:
             self._revoked.extend(partitions)
 
+    def _note_assigned(self, partitions: Sequence[TopicPartition]) -> None:
+        with self._lock:
+            self._assigned.extend(partitions)
+
     def _forget_revoked(self) -> None:
         with self._lock:
             revoked, self._revoked = self._revoked, []
@@ -103,6 +108,37 @@ class KafkaPythonSource:
             self._buffers.pop(tp, None)
             self._held.discard(tp)
             self._flow.discard(tp)
+
+    def _restart_assigned(self) -> set[TopicPartition]:
+        """Start each partition just assigned from its committed offset, unpaused.
+
+        kafka-python keeps a partition's fetch position and pause flag when a rebalance
+        gives it back to the same member, though the records this source had buffered
+        (and dropped at the revocation) lie behind that position: without this, they
+        would never be delivered again, and a partition paused before would stay paused.
+        Starting from the commit is what the other sources do; what the runner had
+        applied but not committed comes again and is skipped as a duplicate."""
+        from kafka.structs import TopicPartition as KafkaTP
+
+        with self._lock:
+            assigned, self._assigned = self._assigned, []
+        for tp in assigned:
+            self._buffers.pop(tp, None)
+            self._held.discard(tp)
+            self._flow.discard(tp)
+            ktp = KafkaTP(tp.topic, tp.partition)
+            self._client_resume(tp)
+            try:
+                committed = self.client.committed(ktp, timeout_ms=5000)
+                if committed is not None:
+                    self.client.seek(ktp, committed)
+                elif self.config.kafka_config.get("auto_offset_reset", "earliest") == "latest":
+                    self.client.seek_to_end(ktp)
+                else:
+                    self.client.seek_to_beginning(ktp)
+            except Exception as exc:  # revoked again meanwhile: the next assignment restarts
+                log.debug("consumer %s: restart %s at its commit: %s", self.group_id, tp, exc)
+        return set(assigned)
 
     # -- records ----------------------------------------------------------------------
 
@@ -120,9 +156,10 @@ class KafkaPythonSource:
                 raise SourceUnavailable(f"Kafka unavailable ({first_line(exc)})") from exc
             self._last_client_poll = time.monotonic()
             self._forget_revoked()
+            restarted = self._restart_assigned()  # their records here predate the seek
             for ktp, records in got.items():
                 tp = TopicPartition(ktp.topic, ktp.partition)
-                if tp not in self._held:
+                if tp not in self._held and tp not in restarted:
                     self._buffers.setdefault(tp, deque()).extend(records)
             for tp, buffer in self._buffers.items():
                 if len(buffer) >= self.flow_limit and tp not in self._flow:
@@ -244,7 +281,9 @@ def _listener(source: KafkaPythonSource, listener: RebalanceListener) -> Any:
                 listener.revoked(tps)
 
         def on_partitions_assigned(self, assigned: Any) -> None:
-            listener.assigned(ours(assigned))
+            tps = ours(assigned)
+            source._note_assigned(tps)
+            listener.assigned(tps)
 
     return Listener()
 

@@ -10,7 +10,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from outbox.consumer import ConsumerConfig, TopicPartition
 from outbox.consumer.confluent_source import ConfluentSource
-from outbox.consumer.kafka_source import KafkaPythonSource
+from outbox.consumer.kafka_source import KafkaPythonSource, _listener
 from outbox.consumer.source import CommitFailed, CommitRefused, SourceUnavailable
 
 
@@ -169,3 +169,70 @@ def test_kafka_python_source_pauses_a_partition_whose_buffer_is_full_until_it_dr
     while len(offsets) < 25:
         offsets += [r.offset for rs in source.poll(0, 5).values() for r in rs]
     assert offsets == list(range(5, 30)) and fake.calls == ["pause", "resume"]
+
+
+def test_kafka_python_source_restarts_a_partition_given_back_at_its_commit() -> None:
+    """kafka-python keeps a partition's position and pause flag when a rebalance gives it
+    back to the same member. The source had buffered (and, at the revocation, dropped)
+    records behind that position: it must fetch them again from the committed offset,
+    and unpause the partition, or they are never delivered (a group that never commits
+    to the end)."""
+    from kafka.structs import TopicPartition as KafkaTP
+
+    class Rec:
+        def __init__(self, offset: int) -> None:
+            self.topic, self.partition, self.offset = "t", 0, offset
+
+    ktp, tp = KafkaTP("t", 0), TopicPartition("t", 0)
+
+    class Fake:
+        """Per-partition position and pause flag, kept across a rebalance, as kafka-python
+        3.0 does for a partition that stays with its member."""
+
+        def __init__(self) -> None:
+            self.position, self.paused, self.end, self.commit = 0, False, 30, 3
+            self.rebalance_on_poll: int | None = None
+            self.polls = 0
+
+        def poll(self, timeout_ms: int, max_records: int) -> Any:
+            self.polls += 1
+            if self.polls == self.rebalance_on_poll:  # kafka-python calls these in poll
+                kafka_listener.on_partitions_revoked({ktp})
+                kafka_listener.on_partitions_assigned({ktp})
+            if self.paused or self.position >= self.end:
+                return {}
+            got = [Rec(o) for o in range(self.position, self.end)]
+            self.position = self.end  # kafka-python moves past all it returns
+            return {ktp: got}
+
+        def pause(self, p: Any) -> None:
+            self.paused = True
+
+        def resume(self, p: Any) -> None:
+            self.paused = False
+
+        def committed(self, p: Any, timeout_ms: int | None = None) -> int:
+            return self.commit
+
+        def seek(self, p: Any, offset: int) -> None:
+            self.position = offset
+
+    class Notes:
+        def revoked(self, tps: Any) -> None: ...
+
+        def assigned(self, tps: Any) -> None: ...
+
+    source = KafkaPythonSource(ConsumerConfig(kafka="k:1", max_poll_records=5), "g")
+    kafka_listener = _listener(source, Notes())  # type: ignore[arg-type]
+    source.flow_limit = 20
+    source.client = fake = Fake()
+    first = source.poll(0, max_records=5)
+    assert [r.offset for r in first[tp]] == [0, 1, 2, 3, 4]
+    assert fake.paused  # 25 buffered: paused by flow control
+    fake.rebalance_on_poll = fake.polls + 1  # the same partition, revoked and given back
+    source._last_client_poll = -10.0  # the client is due a poll (rebalances run in it)
+    offsets: list[int] = []
+    for _ in range(20):
+        offsets += [r.offset for rs in source.poll(0, 5).values() for r in rs]
+    assert not fake.paused
+    assert offsets == list(range(3, 30))  # from the commit, every record, in order
