@@ -94,7 +94,12 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
         "batch.size": settings.batch_size,
         "message.max.bytes": settings.max_request_size,
         "request.timeout.ms": settings.request_timeout_ms,
-        "delivery.timeout.ms": settings.delivery_timeout_ms,
+        # Never time a message out in librdkafka: it fails a timed-out message yet lets
+        # later ones of its partition through once the broker is back (a gap, which
+        # enable.gapless.guarantee does not cover), so a key's later event could land
+        # first. The caller bounds the wait instead (the relay: --delivery-timeout-ms
+        # + 10 s) and then replaces the producer, purged: the broker keeps a prefix.
+        "message.timeout.ms": 0,
         "max.in.flight.requests.per.connection": 5,
         "compression.type": settings.compression_type or "none",
         "topic.metadata.propagation.max.ms": settings.max_block_ms,
@@ -105,6 +110,11 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
     }
     for key, value in settings.extra.items():
         config[key] = value
+    for key in ("message.timeout.ms", "delivery.timeout.ms"):
+        if key in settings.extra:
+            raise ConfigError(f"{key} is the relay's to bound (--delivery-timeout-ms): a "
+                              "message librdkafka times out can leave a gap in its "
+                              "partition, so the producer never times one out")
     if str(config.get("enable.idempotence", "true")).lower() not in ("true", "1"):
         raise ConfigError("the outbox's producer needs enable.idempotence=true")
     if str(config.get("acks", "all")).lower() not in ("all", "-1"):

@@ -78,3 +78,16 @@ def test_relay_flags_are_checked_before_anything_runs() -> None:
     out = runner.invoke(main, ["relay", "--db", "postgresql://u:p@127.0.0.1:1/d", "--kafka",
                                "k:1", "--client", "rdkafka"])
     assert out.exit_code == 2 and "rdkafka" in out.output
+
+
+def test_librdkafka_never_times_a_message_out_and_refuses_to_be_told_to() -> None:
+    """A message librdkafka times out can leave a gap (a later one of its partition gets
+    through): the relay bounds the wait itself, so the producer's own timeout is off and
+    cannot be turned back on."""
+    from outbox.confluent import producer_config
+
+    config = producer_config(KafkaSettings("k:1", delivery_timeout_ms=4000))
+    assert config["message.timeout.ms"] == 0 and "delivery.timeout.ms" not in config
+    for key in ("message.timeout.ms", "delivery.timeout.ms"):
+        with pytest.raises(ConfigError, match=key):
+            producer_config(KafkaSettings("k:1", extra={key: "5000"}))
