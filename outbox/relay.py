@@ -18,7 +18,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -31,36 +30,13 @@ from outbox.dburl import libpq_url, mask
 from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError
 from outbox.metrics import RelayMetrics
+from outbox.ownership import ranges, take_fair_share
 from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
-from outbox.schema import DEFAULT_PREFIX, make_tables
+from outbox.relay_config import RelayConfig
+from outbox.schema import make_tables
 from outbox.store import Claim, Row, Store
 
 log = logging.getLogger("outbox.relay")
-
-
-@dataclass
-class RelayConfig:
-    """How a relay runs. `outbox relay` sets most fields from its flags (each with an
-    OUTBOX_* variable); retry_base, retry_max and shutdown_grace are Python-only, and
-    send_timeout follows --delivery-timeout-ms."""
-
-    db_url: str
-    table_prefix: str = DEFAULT_PREFIX
-    # None: the database's count (outbox.shardcount); given, it must agree with it.
-    num_shards: int | None = None
-    batch_size: int = 2000
-    poll_interval: float = 1.0
-    lease_seconds: float = 10.0
-    max_attempts: int = 12
-    retry_base: float = 0.5
-    retry_max: float = 60.0
-    retention_seconds: float | None = None
-    shutdown_grace: float = 10.0
-    # A batch still unacknowledged after this long means the producer is stuck (seen with
-    # kafka-python after broker restarts): replace it and send the shard again. Keep it
-    # above the producer's delivery timeout (120 s by default).
-    send_timeout: float = 130.0
-    relay_id: str | None = None
 
 
 class Relay:
@@ -377,37 +353,20 @@ class Relay:
     # -- shards -----------------------------------------------------------------------
 
     def _rebalance(self, conn: psycopg.Connection[Any]) -> None:
-        """Own a fair share of the shards: N // live relays, the first N % live one more."""
-        n = self.num_shards
+        """Own a fair share of the shards (outbox.ownership)."""
         self._next_rebalance = time.monotonic() + 1.0
         if _unsafe.disabled("shards"):  # fault injection: no ownership, see step()
-            self._owned = set(range(n))
+            self._owned = set(range(self.num_shards))
             return
-        live = self.store.live_relays(conn)
-        me = conn.info.backend_pid
-        if me not in live:
-            self.store.join(conn)
-            live = self.store.live_relays(conn)
-        idx = live.index(me)
-        target = n // len(live) + (1 if idx < n % len(live) else 0)
-        before = set(self._owned)
-        for shard in sorted(self._owned, reverse=True)[: max(0, len(self._owned) - target)]:
-            self.store.release(conn, shard)
-            self._owned.discard(shard)
+        released, gained, live = take_fair_share(self.store, conn, self._owned,
+                                                 self.num_shards)
+        for shard in released:
             self._cursor.pop(shard, None)
-        start = idx * n // len(live)
-        for i in range(n):
-            if len(self._owned) >= target:
-                break
-            shard = (start + i) % n
-            if shard not in self._owned and self.store.try_own(conn, shard):
-                self._owned.add(shard)
-        if self._owned != before:
-            gained = sorted(self._owned - before)
+        if released or gained:
             if gained:
                 self.store.set_owner(conn, gained, self.relay_id)
             log.info("relay %s owns shards %s (%d live relays)", self.relay_id,
-                     _ranges(sorted(self._owned)), len(live))
+                     ranges(sorted(self._owned)), live)
             self.metrics.shards(len(self._owned))
 
     # -- waiting ----------------------------------------------------------------------
@@ -505,20 +464,6 @@ def _raise_if_permanent(exc: BaseException) -> None:
     reason = permanent_reason(exc)
     if reason is not None:
         raise ConfigError(reason) from exc
-
-
-def _ranges(shards: list[int]) -> str:
-    if not shards:
-        return "none"
-    out, start, prev = [], shards[0], shards[0]
-    for s in [*shards[1:], None]:
-        if s is not None and s == prev + 1:
-            prev = s
-            continue
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if s is not None:
-            start = prev = s
-    return ",".join(out)
 
 
 __all__ = ["Relay", "RelayConfig"]

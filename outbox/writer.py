@@ -16,22 +16,19 @@ its events are dropped with it; a rolled-back savepoint drops only its own.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import weakref
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from sqlalchemy import Connection
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
-from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
 from outbox import _unsafe, shardcount
 from outbox.errors import ConfigError, InvalidSession, PayloadNotSerializable, PayloadTooLarge
@@ -48,6 +45,8 @@ from outbox.event import (
 )
 from outbox.schema import DEFAULT_PREFIX, Tables, make_tables
 from outbox.serde import JsonSerializer, Serializer
+from outbox.transactional import async_wrapper, sync_wrapper, takes_self
+from outbox.write_sql import write_one_statements, write_statements
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,11 +61,6 @@ _PENDING = "outbox.pending"
 # session.info key set while the commit hook writes the events (see _before_commit)
 _COMMITTING = "outbox.committing"
 _hooks_installed = False
-
-# The session each session factory has open in this context, so nested calls join it.
-_active_sessions: ContextVar[Mapping[int, Any]] = ContextVar(
-    "outbox_active_sessions", default=MappingProxyType({}))
-
 
 def key_hash(key: str) -> int:
     """The key's hash (unsigned crc32): stable across processes, hosts and versions."""
@@ -126,8 +120,8 @@ class Outbox:
             text_size(text, what, ConfigError)  # it goes into every row and record
         self._sizer = RecordSizer(source=source, content_type=self.serializer.content_type)
         self._insert = self.tables.events.insert()
-        self._pg_write = _pg_write_statements(self.tables)
-        self._pg_write_one = _pg_write_one_statements(self.tables)
+        self._pg_write = write_statements(self.tables)
+        self._pg_write_one = write_one_statements(self.tables)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -284,73 +278,21 @@ class Outbox:
                 raise ConfigError(
                     f"put @transactional below @{type(fn).__name__}, not above it"
                 )
-            method = _takes_self(fn)
+            method = takes_self(fn)
             if inspect.iscoroutinefunction(fn):
                 if not isinstance(session_factory, async_sessionmaker):
                     raise ConfigError(
                         f"{fn.__qualname__} is async: decorate it with an async_sessionmaker"
                     )
-                return _async_wrapper(fn, session_factory, fid, method)
+                return async_wrapper(fn, session_factory, fid, method)
             if isinstance(session_factory, async_sessionmaker):
                 raise ConfigError(
                     f"{fn.__qualname__} is not async: use a sessionmaker, not an "
                     "async_sessionmaker"
                 )
-            return _sync_wrapper(fn, session_factory, fid, method)
+            return sync_wrapper(fn, session_factory, fid, method)
 
         return decorate
-
-
-def _pg_write_statements(tables: Tables) -> dict[str, str]:
-    """One round trip per commit: lock the keys (sorted: no deadlock), take a transaction
-    id, insert every event in publish order, and NOTIFY only if a relay of one of these
-    shards sleeps.
-
-    The transaction id comes before the positions are drawn, so a transaction that holds
-    an uncommitted position is in every later snapshot's in-progress list: the relay's
-    pipelined claim relies on it (store.Store.claim_next).
-    """
-    sh = tables.shards.name
-    write = (
-        f"WITH n AS MATERIALIZED (SELECT count(*) AS n FROM {sh}), "
-        "locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(%(ns)s, k)), "
-        "pg_current_xact_id() FROM unnest(%(locks)s::int4[]) AS k), "
-        f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
-        "content_type, source, headers, occurred_at, shard) "
-        "SELECT r.id, r.topic, r.key, r.type, r.payload, r.ct, r.source, r.headers, r.time, "
-        "mod(r.h, n.n)::int2 FROM locks, n, unnest(%(ids)s::uuid[], %(topics)s::text[], "
-        "%(keys)s::text[], %(types)s::text[], %(payloads)s::bytea[], %(cts)s::text[], "
-        "%(sources)s::text[], %(headers)s::json[], %(times)s::timestamptz[], "
-        "%(hashes)s::int8[]) AS r(id, topic, key, type, payload, ct, source, headers, time, h)) "
-    )
-    # (A data-modifying WITH runs to completion even when nothing reads it, and no
-    # RETURNING means writers need no SELECT on the events table.)
-    return {
-        "never": write + "SELECT 1",
-        "always": write + "SELECT pg_notify(%(ch)s, '')",
-        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {sh}, n WHERE relay_waiting "
-        "AND shard IN (SELECT mod(h, n.n) FROM unnest(%(hashes)s::int8[]) AS h) LIMIT 1",
-    }
-
-
-def _pg_write_one_statements(tables: Tables) -> dict[str, str]:
-    """The same for a transaction that published one event."""
-    sh = tables.shards.name
-    write = (
-        f"WITH n AS MATERIALIZED (SELECT count(*) AS n FROM {sh}), "
-        "locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(ns)s, %(lock)s), "
-        "pg_current_xact_id()), "
-        f"ins AS (INSERT INTO {tables.events.name} (event_id, topic, key, type, payload, "
-        "content_type, source, headers, occurred_at, shard) "
-        "SELECT %(id)s, %(topic)s, %(key)s, %(type)s, %(payload)s, %(ct)s, %(source)s, "
-        "%(headers)s::json, %(time)s, mod(%(hash)s::int8, n.n)::int2 FROM locks, n) "
-    )
-    return {
-        "never": write + "SELECT 1",
-        "always": write + "SELECT pg_notify(%(ch)s, '')",
-        "auto": write + f"SELECT pg_notify(%(ch)s, '') FROM {sh}, n "
-        "WHERE relay_waiting AND shard = mod(%(hash)s::int8, n.n) LIMIT 1",
-    }
 
 
 def _install_hooks() -> None:
@@ -431,90 +373,6 @@ def _drop_within(session: Session, boxes: dict[Outbox, list[_Pending]],
 def _json_headers(headers: Mapping[str, str | bytes]) -> str | None:
     encoded = encode_headers(headers)
     return None if encoded is None else json.dumps(encoded)
-
-
-def _takes_self(fn: Callable[..., Any]) -> bool:
-    """Whether fn is a method (its first parameter is `self` or `cls`): the session then
-    goes second. Refuses a function with no positional parameter to take the session."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # no signature to read (some builtins)
-        return False
-    positional = [p for p in params if p.kind in (
-        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
-    method = bool(positional) and positional[0].name in ("self", "cls")
-    if len(positional) < 1 + method and not varargs:
-        where = f"after {positional[0].name!r}" if method else "first"
-        raise ConfigError(
-            f"{fn.__qualname__} takes no parameter for the session, which "
-            f"@transactional passes {where}"
-        )
-    return method
-
-
-def _arguments(session: Any, args: tuple[Any, ...], method: bool) -> tuple[Any, ...]:
-    return (*args[:1], session, *args[1:]) if method else (session, *args)
-
-
-def _sync_wrapper(
-    fn: Callable[..., R], factory: sessionmaker[Session], fid: int, method: bool
-) -> Any:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> R:
-        active = _active_sessions.get()
-        joined = active.get(fid)
-        if joined is not None:
-            _begin_for_savepoint(joined)
-            with joined.begin_nested():  # rolled back if fn raises, even when caught
-                return fn(*_arguments(joined, args, method), **kwargs)
-        with factory() as session, session.begin():
-            token = _active_sessions.set({**active, fid: session})
-            try:
-                return fn(*_arguments(session, args, method), **kwargs)
-            finally:
-                _active_sessions.reset(token)
-
-    return wrapper
-
-
-def _async_wrapper(
-    fn: Callable[..., Awaitable[R]], factory: async_sessionmaker[AsyncSession], fid: int,
-    method: bool,
-) -> Any:
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> R:
-        active = _active_sessions.get()
-        joined = active.get(fid)
-        if joined is not None:
-            if _is_sqlite(joined.sync_session):
-                await joined.run_sync(_begin_for_savepoint)
-            async with joined.begin_nested():  # rolled back if fn raises, even when caught
-                return await fn(*_arguments(joined, args, method), **kwargs)
-        async with factory() as session, session.begin():
-            token = _active_sessions.set({**active, fid: session})
-            try:
-                return await fn(*_arguments(session, args, method), **kwargs)
-            finally:
-                _active_sessions.reset(token)
-
-    return wrapper
-
-
-def _is_sqlite(session: Session) -> bool:
-    bind = session.bind
-    return bind is not None and bind.dialect.name == "sqlite"
-
-
-def _begin_for_savepoint(session: Session) -> None:
-    """pysqlite and aiosqlite begin SQLite's transaction lazily, at the first write: a
-    SAVEPOINT before that would begin it instead, and its RELEASE would commit the
-    outer call's work. So begin it first (SQLite only; a no-op elsewhere)."""
-    if not _is_sqlite(session):
-        return
-    conn = session.connection()
-    if not getattr(conn.connection.driver_connection, "in_transaction", True):
-        conn.exec_driver_sql("BEGIN")
 
 
 def _session_of(session: object) -> Session:
