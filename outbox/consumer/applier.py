@@ -51,8 +51,9 @@ class NeedSavepoints(Exception):
         self.failure = failure
 
 
-class BatchApplier:
-    """Applies batches in one transaction each (not for `external` consumers)."""
+class Applier:
+    """What both appliers work with: the group, its inbox, sessions, handler calls and
+    retries, and whether the runner is stopping or deduplicating."""
 
     def __init__(self, *, group: str, inbox: Any, sessions: Sessions, calls: HandlerCalls,
                  retries: Retries, stopping: Callable[[], bool],
@@ -64,6 +65,10 @@ class BatchApplier:
         self.retries = retries
         self.stopping = stopping
         self.dedupe = dedupe
+
+
+class BatchApplier(Applier):
+    """Applies batches in one transaction each (not for `external` consumers)."""
 
     def apply(self, parts: Parts) -> Outcome:
         """The fast path first; the savepoint redo if a handler failed on it."""

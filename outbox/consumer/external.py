@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import sqlalchemy as sa
 
 from outbox.backoff import first_line
-from outbox.consumer.applier import Sessions, connection_lost
-from outbox.consumer.calls import HandlerCalls, HandlerMisuse
+from outbox.consumer.applier import Applier, connection_lost
+from outbox.consumer.calls import HandlerMisuse
 from outbox.consumer.deadletter import REASON_FAILED, REASON_MALFORMED
 from outbox.consumer.inbox import Prior
-from outbox.consumer.outcome import BatchFailed, DeadLetter, Outcome, Parts, Retries
+from outbox.consumer.outcome import BatchFailed, DeadLetter, Outcome, Parts
 from outbox.consumer.source import Record, TopicPartition
 from outbox.errors import MalformedRecord
 from outbox.event import Event
 
 
-class ExternalApplier:
+class ExternalApplier(Applier):
     """Applies a batch one event (and one transaction) at a time."""
-
-    def __init__(self, *, group: str, inbox: Any, sessions: Sessions, calls: HandlerCalls,
-                 retries: Retries, stopping: Callable[[], bool],
-                 dedupe: Callable[[], bool]) -> None:
-        self.group = group
-        self.inbox = inbox
-        self.sessions = sessions
-        self.calls = calls
-        self.retries = retries
-        self.stopping = stopping
-        self.dedupe = dedupe
 
     def apply(self, parts: Parts) -> Outcome:
         out = Outcome()
