@@ -8,7 +8,9 @@ this kind takes (the longest of its recent ones, or a prior before the first). A
 that ran long shrinks the later slots instead of pushing faults past the end, so the
 target is met whenever each fault takes no longer than the run's length divided by the
 target. A fault that missed its window (a crash point not reached, no send in flight)
-does not count, and its slot is spent: the rest are spread over what is left.
+does not count; the next slot starts at once, the rest spread over what is left. The
+last fault a kind still needs starts early enough for one more attempt to fit, so a
+short run whose single window fault misses still gets its hit.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class KindSchedule:
         else:
             length = self.duration / self.target  # past the target: the nominal pace
         self._slot_end = start + length
-        return start - now + max(0.0, length - self.expected) * u
+        room = self.expected * (2 if self.target - self.done == 1 else 1)
+        return start - now + max(0.0, length - room) * u
 
     def finished(self, seconds: float, hit: bool) -> None:
         self.durations.append(seconds)
@@ -66,6 +69,7 @@ class KindSchedule:
             self.done += 1
         else:
             self.missed += 1
+            self._slot_end = 0.0  # the next attempt need not wait for this slot's end
 
     def feasible(self, now: float, floor: int) -> bool:
         """Can the floor still be reached at the pace measured so far?"""

@@ -87,6 +87,15 @@ def test_misses_are_made_up_while_time_is_left() -> None:
     assert sched.done >= 60
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_a_single_window_fault_that_misses_is_tried_again_in_its_slot(seed: int) -> None:
+    # The short run needs one stall in 70 s; a stall takes 7 s and may miss its window
+    # (no send in flight). Its first attempt must leave time for a second.
+    sched = simulate(70, 1, prior=7.0, took=lambda i: 7.0, hit=lambda i: i > 0, seed=seed)
+    assert sched.missed == 1
+    assert sched.done == 1
+
+
 def test_feasibility_says_when_the_floor_is_out_of_reach() -> None:
     sched = KindSchedule(600, 60, prior=15.0)
     assert not sched.feasible(0, 50)  # 50 faults of 15 s do not fit in 600 s
