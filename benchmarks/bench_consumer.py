@@ -213,7 +213,7 @@ def runner_rate(url: str, kafka: str, consumer: IdempotentConsumer, client: str,
                 if not started:
                     started = time.monotonic()
                 done += runner.process(batch)
-            runner.housekeeping.tick()
+            runner.loop.run_chores(time.monotonic())
         elapsed = time.monotonic() - started
     finally:
         runner.close()

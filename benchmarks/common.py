@@ -20,9 +20,9 @@ from sqlalchemy.engine import make_url
 from outbox import migrate
 from outbox.dburl import libpq_url, sqlalchemy_url
 from outbox.event import KafkaHeaders, kafka_headers, uuid7
+from outbox.keys import shard_of
 from outbox.publisher import KafkaSettings, make_publisher
 from outbox.relay import Relay, RelayConfig
-from outbox.writer import shard_of
 
 #: The records every throughput figure sends: 1,000 keys, a ~40-byte JSON value, the six
 #: CloudEvents headers, to a 6-partition topic, with acks=all and idempotence on.

@@ -318,7 +318,7 @@ def kafka_headers(
 
 def stored_to_kafka_headers(stored: Mapping[str, Any]) -> KafkaHeaders:
     """User headers as the outbox table stores them (JSON: str as is, bytes as
-    {"b": hex}; see writer.encode_headers) to Kafka's (name, bytes) pairs."""
+    {"b": hex}; see serde.encode_headers) to Kafka's (name, bytes) pairs."""
     return [(n, bytes.fromhex(v["b"]) if isinstance(v, dict) else v.encode())
             for n, v in stored.items()]
 

@@ -1,4 +1,5 @@
-"""Serializers: how payloads become bytes in the outbox and back in the consumer.
+"""Serializers: how payloads become bytes in the outbox and back in the consumer, and
+how headers are stored in the outbox's JSON column.
 
 JSON is the default. Anything JSON cannot represent faithfully is refused at publish()
 time, not discovered by the relay or a consumer later.
@@ -13,7 +14,8 @@ import enum
 import json
 import sys
 import uuid
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, cast, runtime_checkable
 
 from outbox.errors import PayloadNotSerializable
 
@@ -104,3 +106,23 @@ def decode(content_type: str, data: bytes) -> Any:
     if base == "application/json" or base.endswith("+json"):
         return json.loads(data)
     return data
+
+
+def encode_headers(headers: Mapping[str, str | bytes]) -> dict[str, Any] | None:
+    """Headers as JSON: str values as they are, bytes values as {"b": hex}."""
+    if not headers:
+        return None
+    return {n: ({"b": v.hex()} if isinstance(v, bytes) else v) for n, v in headers.items()}
+
+
+def decode_headers(stored: Mapping[str, Any] | None) -> dict[str, str | bytes]:
+    if not stored:
+        return {}
+    return {n: (bytes.fromhex(v["b"]) if isinstance(v, dict) else cast(str, v))
+            for n, v in stored.items()}
+
+
+def json_headers(headers: Mapping[str, str | bytes]) -> str | None:
+    """encode_headers, as the JSON text the INSERT takes."""
+    encoded = encode_headers(headers)
+    return None if encoded is None else json.dumps(encoded)

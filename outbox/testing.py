@@ -31,7 +31,7 @@ from outbox.event import kafka_headers
 from outbox.publisher import InMemoryPublisher, Publisher, Record
 from outbox.relay import Relay, RelayConfig
 from outbox.schema import DEFAULT_PREFIX, make_tables
-from outbox.writer import decode_headers
+from outbox.serde import decode_headers
 
 
 def drain(db_url: str, publisher: Publisher, *, timeout: float = 60.0,

@@ -17,10 +17,8 @@ its events are dropped with it; a rolled-back savepoint drops only its own.
 from __future__ import annotations
 
 import inspect
-import json
 import weakref
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
@@ -43,8 +41,9 @@ from outbox.event import (
     type_size,
     validate_topic,
 )
+from outbox.keys import key_hash, key_lock
 from outbox.schema import DEFAULT_PREFIX, Tables, make_tables
-from outbox.serde import JsonSerializer, Serializer
+from outbox.serde import JsonSerializer, Serializer, encode_headers, json_headers
 from outbox.transactional import async_wrapper, sync_wrapper, takes_self
 from outbox.write_sql import write_one_statements, write_statements
 
@@ -61,22 +60,6 @@ _PENDING = "outbox.pending"
 # session.info key set while the commit hook writes the events (see _before_commit)
 _COMMITTING = "outbox.committing"
 _hooks_installed = False
-
-def key_hash(key: str) -> int:
-    """The key's hash (unsigned crc32): stable across processes, hosts and versions."""
-    return zlib.crc32(key.encode())
-
-
-def shard_of(key: str, num_shards: int) -> int:
-    """The shard of a key; on PostgreSQL the INSERT computes the same from the table."""
-    return key_hash(key) % num_shards
-
-
-def key_lock(key: str) -> int:
-    """The advisory-lock id of a key (a signed int32, as pg_advisory_xact_lock takes)."""
-    h = zlib.crc32(key.encode())
-    return h - (1 << 32) if h >= 1 << 31 else h
-
 
 @dataclass
 class _Pending:
@@ -210,7 +193,7 @@ class Outbox:
             conn.exec_driver_sql(self._pg_write_one[self.notify], {
                 "ns": self.tables.lock_namespace, "lock": key_lock(e.key), "id": e.id,
                 "topic": e.topic, "key": e.key, "type": e.type, "payload": e.data,
-                "ct": e.content_type, "source": e.source, "headers": _json_headers(e.headers),
+                "ct": e.content_type, "source": e.source, "headers": json_headers(e.headers),
                 "time": e.occurred_at, "hash": p.hash, "ch": ch,
             })
             return
@@ -225,7 +208,7 @@ class Outbox:
             "payloads": [e.data for e in events],
             "cts": [e.content_type for e in events],
             "sources": [e.source for e in events],
-            "headers": [_json_headers(e.headers) for e in events],
+            "headers": [json_headers(e.headers) for e in events],
             "times": [e.occurred_at for e in events],
             "hashes": [p.hash for p in queue],
             "ch": ch,
@@ -370,11 +353,6 @@ def _drop_within(session: Session, boxes: dict[Outbox, list[_Pending]],
         session.info.pop(_PENDING, None)
 
 
-def _json_headers(headers: Mapping[str, str | bytes]) -> str | None:
-    encoded = encode_headers(headers)
-    return None if encoded is None else json.dumps(encoded)
-
-
 def _session_of(session: object) -> Session:
     """The ORM Session behind what publish() was given; refuses what has no commit hook."""
     if isinstance(session, Session):
@@ -427,17 +405,3 @@ def _within(tx: SessionTransaction | None, ancestor: SessionTransaction) -> bool
             return True
         tx = tx.parent
     return False
-
-
-def encode_headers(headers: Mapping[str, str | bytes]) -> dict[str, Any] | None:
-    """Headers as JSON: str values as they are, bytes values as {"b": hex}."""
-    if not headers:
-        return None
-    return {n: ({"b": v.hex()} if isinstance(v, bytes) else v) for n, v in headers.items()}
-
-
-def decode_headers(stored: Mapping[str, Any] | None) -> dict[str, str | bytes]:
-    if not stored:
-        return {}
-    return {n: (bytes.fromhex(v["b"]) if isinstance(v, dict) else cast(str, v))
-            for n, v in stored.items()}

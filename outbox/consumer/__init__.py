@@ -61,7 +61,7 @@ from outbox.consumer.deadletter import (
     truncated_dead_letter,
 )
 from outbox.consumer.outcome import RETRY_BACKOFF_MAX
-from outbox.consumer.runner import OUTAGE_BACKOFF_MAX, ConsumerRunner, ConsumerStats
+from outbox.consumer.runner import ConsumerRunner, ConsumerStats
 from outbox.consumer.source import (
     CLIENTS,
     CommitFailed,
@@ -82,7 +82,6 @@ __all__ = [
     "DLQ_MAX_REQUEST_BYTES",
     "EXIT_HANDLER_TIMEOUT",
     "EXIT_NOT_STOPPED",
-    "OUTAGE_BACKOFF_MAX",
     "REASON_FAILED",
     "REASON_MALFORMED",
     "RETRY_BACKOFF_MAX",

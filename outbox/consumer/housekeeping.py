@@ -4,13 +4,13 @@ attempts of events never seen again), and measuring lag for the metrics."""
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 from outbox.backoff import Throttled, first_line
 from outbox.consumer.source import TopicPartition
+from outbox.service import ServiceLoop
 
 if TYPE_CHECKING:
     from outbox.consumer.runner import ConsumerRunner
@@ -22,18 +22,12 @@ class Housekeeping:
     def __init__(self, runner: ConsumerRunner) -> None:
         self.r = runner
         self.throttle = Throttled(log)
-        self._next_purge = self._next_lag = 0.0
 
-    def tick(self) -> None:
-        """Whatever is due."""
-        now = time.monotonic()
-        cfg = self.r.config
-        if now >= self._next_purge:
-            self._next_purge = now + cfg.purge_interval
-            self.purge()
-        if self.r.metrics.on and now >= self._next_lag:
-            self._next_lag = now + cfg.lag_interval
-            self.lag()
+    def schedule(self, loop: ServiceLoop) -> None:
+        """Register the chores with the runner's service loop."""
+        loop.every(self.r.config.purge_interval, self.purge)
+        if self.r.metrics.on:
+            loop.every(self.r.config.lag_interval, self.lag)
 
     def purge(self, max_batches: int = 20) -> int:
         """Delete the group's dedupe records (and attempts) older than the retention, in

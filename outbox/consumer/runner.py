@@ -8,7 +8,6 @@ consumer's parts (see the package docstring for the whole picture):
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from outbox import _unsafe
 from outbox._faults import crash_point
-from outbox.backoff import Throttled, exponential, jitter
 from outbox.consumer.api import AnyConsumer, AsyncIdempotentConsumer, IdempotentConsumer
 from outbox.consumer.applier import BatchApplier
 from outbox.consumer.calls import HandlerCalls, HandlerMisuse, Running
@@ -38,10 +36,9 @@ from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError
 from outbox.metrics import ConsumerMetrics
 from outbox.publisher import Publisher
+from outbox.service import Outage, ServiceLoop
 
 log = logging.getLogger("outbox.consumer")
-
-OUTAGE_BACKOFF_MAX = 5.0
 
 
 @dataclass
@@ -56,19 +53,12 @@ class ConsumerStats:
     batches: int = 0
 
 
-class Unavailable(Exception):
-    """Kafka or the database cannot be used now: `run()` retries with backoff."""
-
-    def __init__(self, what: str, message: str) -> None:
-        super().__init__(message)
-        self.what = what
-
-
 class ConsumerRunner:
     """Polls Kafka and applies each event once through a consumer.
 
     `run()` loops until `stop()` (or SIGTERM/SIGINT after `install_signal_handlers()`);
-    `run_once()` is one poll and its batch, `poll()` and `process(batch)` its halves.
+    `run_once()` is one poll and its batch, then the chores that are due (purge, lag);
+    `poll()` and `process(batch)` are its halves.
     Settings: a ConsumerConfig, or its fields as keywords (`db_url=`, `kafka=`...).
     `source` replaces the Kafka client (e.g. `outbox.testing.InMemoryBroker().source(g)`),
     `dead_letters` the dead-letter Publisher (an instance, or a function making one).
@@ -98,14 +88,15 @@ class ConsumerRunner:
         self.partitions = Partitions()
         self.notes = RebalanceNotes(self.partitions, group,
                                     lambda tp: self.metrics.forget(tp.topic, tp.partition))
-        self._stop = threading.Event()
+        self.loop = ServiceLoop(f"consumer {group}", log, backoff_base=0.5, backoff_max=5.0)
         self.calls = HandlerCalls(consumer, external=consumer.external,
                                   idle_tx_timeout=cfg.idle_tx_timeout,
                                   handler_timeout=cfg.handler_timeout)
         self.retries = Retries(group, consumer.max_attempts, consumer.retry_backoff)
         kind = ExternalApplier if consumer.external else BatchApplier
         self.applier = kind(group=group, inbox=self.db.inbox, sessions=self.db.sessions,
-                            calls=self.calls, retries=self.retries, stopping=self._stop.is_set,
+                            calls=self.calls, retries=self.retries,
+                            stopping=self.loop.stopped.is_set,
                             dedupe=lambda: not _unsafe.disabled("dedupe"))
         make = _publisher_factory(dead_letters, cfg)
         self.dead_letters = DeadLetterSink(make, suffix=consumer.dlq_suffix,
@@ -116,23 +107,29 @@ class ConsumerRunner:
                                  handler_timeout=cfg.handler_timeout,
                                  on_timeout=self._timed_out)
         self.housekeeping = Housekeeping(self)
-        self._throttle = Throttled(log)
+        self.housekeeping.schedule(self.loop)
         self._kafka_ok = self._db_ok = True
 
     # -- control ----------------------------------------------------------------------
 
     def stop(self) -> None:
         """Finish the event in hand, commit what is done, and leave `run()`."""
-        self._stop.set()
+        self.loop.stop()
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self.loop.stopping
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the runner; one that has not stopped `shutdown_grace`
         seconds later (a handler that hangs) ends the process (see watchdog.py)."""
-        self.watchdog.install_signal_handlers(self.stop)
+        def doing() -> str:
+            running = self.calls.running
+            return "committing what is done and stopping" + (
+                f" (waiting up to {self.config.shutdown_grace:g} s for the handler for "
+                f"{running})" if running is not None else "")
+
+        self.loop.install_signal_handlers(doing, on_signal=self.watchdog.signalled)
 
     def healthy(self) -> bool:
         """Kafka and the database reachable, no partition stuck on a dead letter, and no
@@ -157,18 +154,9 @@ class ConsumerRunner:
                  type(self.consumer).__name__, self.db.where, list(self.consumer.topics),
                  self.config.client if self._given_source is None else
                  type(self._given_source).__name__)
-        failures = 0
         self.watchdog.start()
         try:
-            while not self._stop.is_set():
-                try:
-                    self.run_once()
-                    failures = 0
-                except Unavailable as exc:
-                    self._throttle.warn(exc.what, f"consumer {self.group_id}: {exc}; "
-                                        "retrying with backoff")
-                    failures += 1
-                    self._stop.wait(jitter(exponential(0.5, failures, OUTAGE_BACKOFF_MAX)))
+            self.loop.run(self._step)
         finally:
             try:
                 self.close()
@@ -180,11 +168,15 @@ class ConsumerRunner:
                      s.failed, s.dead_lettered)
 
     def run_once(self, timeout: float | None = None) -> int:
-        """Poll once and process the batch; returns the number of records finished."""
-        batch = self.poll(timeout)
-        done = self.process(batch) if batch else 0
-        self.housekeeping.tick()
+        """Poll once and process the batch, then run the chores that are due; returns the
+        number of records finished."""
+        done = self._step(timeout)
+        self.loop.run_chores(time.monotonic())
         return done
+
+    def _step(self, timeout: float | None = None) -> int:
+        batch = self.poll(timeout)
+        return self.process(batch) if batch else 0
 
     def poll(self, timeout: float | None = None) -> Batch:
         source = self._open()
@@ -201,10 +193,10 @@ class ConsumerRunner:
             self._permanent(exc)
             if exc.reset:
                 self._close_source()
-            raise Unavailable("kafka", str(exc)) from exc
+            raise Outage("kafka", str(exc)) from exc
         if not self._kafka_ok:
             self._kafka_ok = True
-            self._throttle.recovered("kafka", f"consumer {self.group_id}: Kafka reachable again")
+            self.loop.recovered("kafka", "Kafka reachable again")
         self.notes.apply()
         return batch
 
@@ -225,7 +217,7 @@ class ConsumerRunner:
             self._batch_failed(exc)
         if not self._db_ok:
             self._db_ok = True
-            self._throttle.recovered("db", f"consumer {self.group_id}: database reachable again")
+            self.loop.recovered("db", "database reachable again")
         if any(po.next_offset is not None for po in out.parts.values()):
             # the database transaction committed; the offsets are not committed yet
             crash_point("consumer.after_commit")
@@ -252,9 +244,9 @@ class ConsumerRunner:
         self._permanent(exc)
         slow = self.calls.explain(exc)
         if slow:
-            raise Unavailable("handler", slow) from exc
+            raise Outage("handler", slow) from exc
         self._db_ok = False
-        raise Unavailable("db", f"database unavailable ({exc}); the batch is retried") from exc
+        raise Outage("db", f"database unavailable ({exc}); the batch is retried") from exc
 
     def _permanent(self, exc: BaseException) -> None:
         """Raise ConfigError when `exc` cannot heal by waiting (missing tables, failed
@@ -283,9 +275,9 @@ class ConsumerRunner:
             self._permanent(exc)
             if isinstance(exc, SourceUnavailable):
                 self._kafka_ok = False
-                raise Unavailable("kafka", str(exc)) from exc
+                raise Outage("kafka", str(exc)) from exc
             raise
-        self._throttle.recovered("kafka", f"consumer {self.group_id}: Kafka reachable again")
+        self.loop.recovered("kafka", "Kafka reachable again")
         self.source = self.partitions.source = source
         return source
 

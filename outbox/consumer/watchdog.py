@@ -23,11 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
-from types import FrameType
 
 from outbox.consumer.calls import HandlerCalls, Running
 
@@ -72,20 +70,6 @@ class Watchdog:
     def signalled(self) -> None:
         if self.signalled_at is None:
             self.signalled_at = time.monotonic()
-
-    def install_signal_handlers(self, stop: Callable[[], None]) -> None:
-        """SIGTERM/SIGINT call `stop`; the grace starts then."""
-        def handler(signum: int, frame: FrameType | None) -> None:
-            self.signalled()
-            running = self.calls.running
-            log.info("consumer %s: signal %d, committing what is done and stopping%s",
-                     self.group, signum,
-                     f" (waiting up to {self.shutdown_grace:g} s for the handler for "
-                     f"{running})" if running is not None else "")
-            stop()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
 
     def _loop(self) -> None:
         tick = min(1.0, self.report_interval / 4)

@@ -20,7 +20,7 @@ from outbox import Event, Outbox, PayloadTooLarge
 from outbox.event import KafkaHeaders, kafka_headers, record_size
 from outbox.publisher import PERMANENT_ERRORS, KafkaPublisher, KafkaSettings
 from outbox.schema import tables
-from outbox.writer import decode_headers
+from outbox.serde import decode_headers
 
 BROKER_DEFAULT = 1048588  # Kafka's default message.max.bytes (1 MiB + 12)
 

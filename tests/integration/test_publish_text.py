@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 import outbox.writer
 from outbox import Outbox, PublishError
 from outbox.schema import tables
-from outbox.writer import decode_headers
+from outbox.serde import decode_headers
 
 T = tables.events
 

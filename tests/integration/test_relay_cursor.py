@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import Outbox
+from outbox.keys import shard_of
 from outbox.publisher import InMemoryPublisher
 from outbox.relay import Relay, RelayConfig
 from outbox.store import Store
-from outbox.writer import shard_of
 
 SHARDS = 16
 

@@ -18,10 +18,10 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy.orm import Session
 
 from outbox import Outbox
+from outbox.keys import shard_of
 from outbox.publisher import CLIENTS, KafkaSettings, make_publisher
 from outbox.relay import Relay, RelayConfig
 from outbox.schema import tables
-from outbox.writer import shard_of
 from tests.integration.test_relay import read_topic
 
 

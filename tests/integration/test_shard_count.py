@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session
 
 from outbox import ConfigError, Outbox, migrate
 from outbox.dburl import libpq_url
+from outbox.keys import shard_of
 from outbox.publisher import InMemoryPublisher
 from outbox.relay import Relay, RelayConfig
 from outbox.schema import tables
 from outbox.testing import drain
-from outbox.writer import shard_of
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -352,7 +352,7 @@ def test_a_handler_that_commits_stops_the_runner_with_nothing_committed(kit: Kit
 
 def test_an_unreachable_broker_is_an_outage_retried_not_a_crash(kit: Kit  # noqa: F811
                                                                 ) -> None:
-    from outbox.consumer.runner import Unavailable
+    from outbox.service import Outage as Unavailable
 
     kit.broker.create_topic("t", partitions=1)
     runner = kit.runner(Counter())
@@ -451,7 +451,7 @@ def test_a_copy_sent_but_not_recorded_as_processed_is_sent_again_before_moving_o
 def test_a_database_outage_fails_the_batch_which_is_redelivered_whole(
     kit: Kit, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    from outbox.consumer.runner import Unavailable
+    from outbox.service import Outage as Unavailable
 
     kit.broker.create_topic("t", partitions=2)
     evs = events("t", 6, keys=3)

@@ -21,8 +21,9 @@ from outbox import (
     PayloadTooLarge,
     shardcount,
 )
+from outbox.keys import shard_of
 from outbox.schema import make_tables, validate_prefix
-from outbox.writer import decode_headers, shard_of
+from outbox.serde import decode_headers
 
 
 class Base(DeclarativeBase):
