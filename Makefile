@@ -38,13 +38,15 @@ bench: .venv/.installed
 demo: .venv/.installed
 	$(WITH_STACK) $(PY) -m examples.demo $(DEMO)
 
-## the long chaos run: make chaos SEED=1 DURATION=600 [UNSAFE=ack|ordering|dedupe|shards] [CLIENT=confluent]
+## the long chaos run: make chaos SEED=1 DURATION=600 [UNSAFE=ack|ordering|dedupe|shards|progress]
+## [CLIENT=confluent] [EXACTLY_ONCE=1]
 SEED ?= 1
 DURATION ?= 600
 CLIENT ?= kafka-python
 chaos: .venv/.installed
 	$(WITH_STACK) OUTBOX_KAFKA_CLIENT=$(CLIENT) $(PY) -m tests.chaos.run --seed $(SEED) --duration $(DURATION) \
-		--min-faults-per-10min 50 $(if $(UNSAFE),--unsafe $(UNSAFE))
+		--min-faults-per-10min 50 $(if $(UNSAFE),--unsafe $(UNSAFE)) \
+		$(if $(filter 1 true yes,$(EXACTLY_ONCE)),--exactly-once)
 
 stack-up:
 	$(STACK) up

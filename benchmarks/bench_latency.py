@@ -23,8 +23,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from benchmarks.common import Result, database, key, seconds, topics
 from outbox import Outbox
 from outbox.event import KafkaHeaders
-from outbox.publisher import KafkaPublisher, KafkaSettings, Publisher
+from outbox.exactly_once import namespace
+from outbox.progress import KafkaProgressLog, progress_topic
+from outbox.publisher import Delivery, KafkaPublisher, KafkaSettings, Publisher
 from outbox.relay import Relay, RelayConfig
+from outbox.txn import TxnProducer, make_txn_producer
 
 RATES = (1_000, 5_000)
 WRITERS = {1_000: 4, 5_000: 4}  # threads: one commits about 700 transactions/s here
@@ -93,12 +96,57 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
-def measure(url: str, kafka: str, topic: str, client: str, rate: int
-            ) -> tuple[list[float], float, int]:
+class TimedTxn:
+    """A transactional producer whose commit notes the ack time of the events it
+    carried (the exactly-once relay's ack is its transaction's commit)."""
+
+    def __init__(self, inner: TxnProducer, acked: dict[str, float]) -> None:
+        self.inner, self.acked = inner, acked
+        self.transactional_id = inner.transactional_id
+        self._ids: list[str] = []
+
+    def begin(self) -> None:
+        self._ids = []
+        self.inner.begin()
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders,
+             partition: int | None = None) -> Delivery:
+        if headers:
+            self._ids.append(_event_id(headers))
+        return self.inner.send(topic, key, value, headers, partition)
+
+    def commit(self, timeout: float) -> None:
+        self.inner.commit(timeout)
+        now = time.monotonic()
+        for eid in self._ids:
+            self.acked[eid] = now
+
+    def abort(self, timeout: float) -> None:
+        self.inner.abort(timeout)
+
+    def close(self, timeout: float) -> None:
+        self.inner.close(timeout)
+
+
+def latency_relay(url: str, kafka: str, client: str, acked: dict[str, float],
+                  exactly_once: bool) -> Relay:
+    """A relay whose acks are timed into `acked`; with `exactly_once`, the one
+    `outbox relay --exactly-once` makes."""
+    settings = KafkaSettings(kafka, linger_ms=0)
+    publisher = timed_publisher(client, settings, acked)
+    config = RelayConfig(db_url=url, poll_interval=1.0, exactly_once=exactly_once)
+    if not exactly_once:
+        return Relay(config, lambda: publisher)
+    return Relay(config, lambda: publisher, transactions=lambda tid: TimedTxn(
+        make_txn_producer(client, settings, tid, int(config.lease_seconds * 1000)), acked),
+        progress=KafkaProgressLog(settings, progress_topic(namespace(url, "outbox"))))
+
+
+def measure(url: str, kafka: str, topic: str, client: str, rate: int,
+            exactly_once: bool = False) -> tuple[list[float], float, int]:
     """(latencies in ms of the counted events, the rate reached, events not acked)."""
     acked: dict[str, float] = {}
-    publisher = timed_publisher(client, KafkaSettings(kafka, linger_ms=0), acked)
-    relay = Relay(RelayConfig(db_url=url, poll_interval=1.0), lambda: publisher)
+    relay = latency_relay(url, kafka, client, acked, exactly_once)
     runner = threading.Thread(target=relay.run, name="relay")
     writers = WRITERS[rate]
     engine = sa.create_engine(url, pool_size=writers)

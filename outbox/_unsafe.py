@@ -1,6 +1,6 @@
 """Switches that turn a safety mechanism off, for fault-injection tests only.
 
-`OUTBOX_UNSAFE_DISABLE=ordering,ack,dedupe,shards` (or `disable()` in a test) removes
+`OUTBOX_UNSAFE_DISABLE=ordering,ack,dedupe,shards,progress` (or `disable()` in a test) removes
 the named mechanism so the test suite and the chaos checker can show that each one is
 needed. Never set it in production: the names say what you lose.
 """
@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-MECHANISMS = frozenset({"ordering", "ack", "dedupe", "shards"})
+MECHANISMS = frozenset({"ordering", "ack", "dedupe", "shards", "progress"})
 _overrides: set[str] = set()
 
 

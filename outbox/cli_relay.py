@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -60,12 +61,22 @@ log = logging.getLogger("outbox.cli")
               help="A producer setting passed to the client as it spells it (repeatable; "
                    "e.g. security.protocol=SASL_SSL for confluent, security_protocol=SASL_SSL "
                    "for kafka-python). Idempotence and acks=all cannot be turned off.")
+@click.option("--exactly-once", envvar="OUTBOX_EXACTLY_ONCE", is_flag=True, default=False,
+              show_envvar=True,
+              help="Send in Kafka transactions, fenced per shard: read_committed consumers "
+                   "see each event once. Needs transactions on the broker.")
+@click.option("--transaction-namespace", "txn_namespace", envvar="OUTBOX_TRANSACTION_NAMESPACE",
+              default=None, show_envvar=True,
+              help="With --exactly-once: names the Kafka transactional ids "
+                   "(outbox-NAME-shard-N) and the progress topic (outbox-NAME-progress); "
+                   "unique per outbox on a Kafka cluster. Default: DATABASE.PREFIX.")
 def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, batch_size: int,
           poll_interval: float, lease_seconds: float, max_attempts: int,
           retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
           delivery_timeout_ms: int, compression: str | None, metrics_port: int | None,
           metrics_host: str, relay_id: str | None, client: str,
-          kafka_options: tuple[str, ...]) -> None:
+          kafka_options: tuple[str, ...], exactly_once: bool,
+          txn_namespace: str | None) -> None:
     """Run a relay worker: publish the outbox to Kafka until SIGTERM."""
     from outbox.metrics import RelayMetrics
     from outbox.publisher import KafkaSettings, make_publisher, parse_options
@@ -95,9 +106,21 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
         db_url=db_url, table_prefix=table_prefix, num_shards=num_shards,
         batch_size=batch_size, poll_interval=poll_interval, lease_seconds=lease_seconds,
         max_attempts=max_attempts, retention_seconds=retention_seconds, relay_id=relay_id,
-        send_timeout=delivery_timeout_ms / 1000 + 10,
+        send_timeout=delivery_timeout_ms / 1000 + 10, exactly_once=exactly_once,
+        txn_namespace=txn_namespace,
     )
-    worker = Relay(config, lambda: make_publisher(client, settings), RelayMetrics(registry))
+    kit: dict[str, Any] = {}
+    if exactly_once:
+        from outbox.exactly_once import namespace
+        from outbox.progress import KafkaProgressLog, progress_topic
+        from outbox.txn import make_txn_producer
+
+        timeout_ms = int(lease_seconds * 1000)
+        name = txn_namespace or namespace(db_url, table_prefix)
+        kit = {"transactions": lambda tid: make_txn_producer(client, settings, tid, timeout_ms),
+               "progress": KafkaProgressLog(settings, progress_topic(name))}
+    worker = Relay(config, lambda: make_publisher(client, settings), RelayMetrics(registry),
+                   **kit)
     if metrics_port:
         base._serve_metrics(metrics_port, metrics_host, registry, worker.healthy)
     worker.install_signal_handlers()

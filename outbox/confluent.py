@@ -176,3 +176,68 @@ class ConfluentPublisher:
             self._producer.flush(0)
         except Exception:  # a broken producer is being thrown away anyway
             pass
+
+
+class ConfluentTxnProducer:
+    """confluent-kafka's transactional producer (see outbox.txn). A message that fails
+    or times out fails its transaction, which is aborted and sent again whole, so here
+    librdkafka may time messages out (within the transaction timeout)."""
+
+    def __init__(self, settings: KafkaSettings, transactional_id: str,
+                 transaction_timeout_ms: int) -> None:
+        config = producer_config(settings)
+        config.update({"transactional.id": transactional_id,
+                       "transaction.timeout.ms": transaction_timeout_ms,
+                       "message.timeout.ms": transaction_timeout_ms})
+        self.transactional_id = transactional_id
+        try:
+            self._producer = Producer(config)
+        except KafkaException as exc:
+            raise ConfigError(f"confluent-kafka refused the producer settings: {exc}") from exc
+        self._timeout = transaction_timeout_ms / 1000
+        self._call(self._producer.init_transactions, self._timeout)
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        from outbox.txn import Fenced, TxnFailed
+
+        try:
+            fn(*args)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() in (KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                                KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+                raise ConfigError(f"Kafka refused the transactional id ({error.str()}): "
+                                  "grant the relay's principal WRITE and DESCRIBE on "
+                                  "transactional ids outbox-<prefix>-shard-*") from exc
+            if error.fatal() or error.code() in (KafkaError._FENCED,
+                                                 KafkaError.PRODUCER_FENCED,
+                                                 KafkaError.INVALID_PRODUCER_EPOCH):
+                raise Fenced(f"{error.name()}: {error.str()}") from exc
+            raise TxnFailed(f"{error.name()}: {error.str()}") from exc
+
+    def begin(self) -> None:
+        self._call(self._producer.begin_transaction)
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders,
+             partition: int | None = None) -> Delivery:
+        delivery = _Delivery()
+        options: dict[str, Any] = {"on_delivery": delivery, "headers": headers}
+        if partition is not None:
+            options["partition"] = partition
+        try:
+            self._producer.produce(topic, value, key, **options)
+        except BufferError as exc:
+            return FailedDelivery(NotSent(f"the producer's queue is full: {exc}"))
+        except KafkaException as exc:
+            return FailedDelivery(classify(exc.args[0]))
+        return delivery
+
+    def commit(self, timeout: float) -> None:
+        self._call(self._producer.commit_transaction, timeout)
+
+    def abort(self, timeout: float) -> None:
+        self._call(self._producer.abort_transaction, timeout)
+
+    def close(self, timeout: float) -> None:
+        """An open transaction is left to the next owner's init (which aborts it)."""
+        self._producer.flush(max(0.0, min(timeout, 1.0)))

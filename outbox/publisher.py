@@ -279,6 +279,7 @@ class Record:
     key: bytes
     value: bytes
     headers: KafkaHeaders
+    partition: int | None = None  # only when the sender chose it
 
 
 class InMemoryPublisher:

@@ -30,3 +30,8 @@ class RelayConfig:
     # above the producer's delivery timeout (120 s by default).
     send_timeout: float = 130.0
     relay_id: str | None = None
+    # Kafka transactions, fenced per shard (outbox.exactly_once): read_committed consumers
+    # see each event once. The transaction timeout is the lease.
+    exactly_once: bool = False
+    # Names the transactional ids and the progress topic; None: <database>.<table_prefix>.
+    txn_namespace: str | None = None

@@ -1,4 +1,5 @@
-"""Every SQL statement the relay, the consumer and `outbox status` run, in one place.
+"""Every SQL statement the relay and `outbox status` run, in one place (the consumer's
+dedupe and attempt SQL is its inbox's: outbox.consumer.inbox).
 
 Statements are plain psycopg SQL on one connection; table names come from a validated
 prefix (schema.validate_prefix), so formatting them in is safe.
@@ -6,7 +7,6 @@ prefix (schema.validate_prefix), so formatting them in is safe.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, NamedTuple
 
 import psycopg
@@ -92,8 +92,7 @@ class Store:
 
     def __init__(self, tables: Tables) -> None:
         self.t = tables
-        ev, dl, sh, ib = (tables.events.name, tables.dead_letters.name,
-                          tables.shards.name, tables.inbox.name)
+        ev, dl, sh = tables.events.name, tables.dead_letters.name, tables.shards.name
         self.relay_ns = relay_namespace(tables)
         def claim(start: str, gate: str) -> str:
             # g: the statement's snapshot, and whether no transaction in progress at
@@ -120,8 +119,14 @@ class Store:
             "ORDER BY position LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
         )
         self._delete = f"DELETE FROM {ev} WHERE position = ANY(%(positions)s)"
+        exact = ("(position, event_id) IN (SELECT * FROM unnest(%(positions)s::bigint[], "
+                 "%(ids)s::uuid[]))")
+        self._delete_exact = f"DELETE FROM {ev} WHERE {exact}"
+        self._mark_exact = (f"UPDATE {ev} SET published_at = now() WHERE {exact} "
+                            "AND published_at IS NULL")
         self._mark = (
-            f"UPDATE {ev} SET published_at = now() WHERE position = ANY(%(positions)s)"
+            f"UPDATE {ev} SET published_at = now() WHERE position = ANY(%(positions)s) "
+            "AND published_at IS NULL"
         )
         self._purge = (
             f"DELETE FROM {ev} WHERE position IN (SELECT position FROM {ev} "
@@ -189,14 +194,6 @@ class Store:
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %(ns)s "
             "AND objid = %(member)s AND granted AND database = (SELECT oid FROM pg_database "
             "WHERE datname = current_database()) ORDER BY pid"
-        )
-        self._inbox_insert = (
-            f"INSERT INTO {ib} (consumer_group, event_id, processed_at) "
-            "VALUES (%(group)s, %(event_id)s, now()) ON CONFLICT DO NOTHING RETURNING event_id"
-        )
-        self._inbox_seen = (
-            f"SELECT event_id FROM {ib} WHERE consumer_group = %(group)s "
-            "AND event_id = ANY(%(ids)s)"
         )
 
     # -- relay: membership and shards ------------------------------------------------
@@ -271,9 +268,19 @@ class Store:
         return bool(row and row[0])
 
     def acknowledge(self, conn: psycopg.Connection[Any], positions: list[int],
-                    keep: bool) -> None:
-        """Published: delete the rows (or, with retention, mark them for a later purge)."""
-        conn.execute(self._mark if keep else self._delete, {"positions": positions})
+                    keep: bool) -> int:
+        """Published: delete the rows (or, with retention, mark them for a later purge).
+        Returns how many were pending."""
+        return conn.execute(self._mark if keep else self._delete,
+                            {"positions": positions}).rowcount
+
+    def acknowledge_exact(self, conn: psycopg.Connection[Any], done: list[tuple[int, str]],
+                          keep: bool) -> int:
+        """`acknowledge` the rows that are still these (position, event id) pairs; a
+        row of the same position with another event id is not one of them."""
+        return conn.execute(self._mark_exact if keep else self._delete_exact,
+                            {"positions": [p for p, _ in done],
+                             "ids": [i for _, i in done]}).rowcount
 
     def purge_published(self, conn: psycopg.Connection[Any], age_seconds: float,
                         limit: int) -> int:
@@ -316,50 +323,6 @@ class Store:
                            positions: list[int] | None) -> int:
         """Delete dead letters (all of them for None) for good."""
         return conn.execute(self._dead_purge, _chosen(positions)).rowcount
-
-    # -- consumer: the dedupe records ----------------------------------------------------
-
-    def already_processed(self, conn: psycopg.Connection[Any], group: str,
-                          ids: list[uuid.UUID]) -> set[uuid.UUID]:
-        rows = conn.execute(self._inbox_seen, {"group": group, "ids": ids})
-        return {r[0] for r in rows}
-
-    def mark_processed(self, conn: psycopg.Connection[Any], group: str,
-                       event_id: uuid.UUID) -> bool:
-        """Insert the dedupe record; False when this event was processed already."""
-        return conn.execute(self._inbox_insert,
-                            {"group": group, "event_id": event_id}).fetchone() is not None
-
-    def purge_inbox_group(self, conn: psycopg.Connection[Any], group: str, age_seconds: float,
-                          limit: int) -> int:
-        """One consumer group's dedupe records older than its retention, at most `limit`."""
-        ib = self.t.inbox.name
-        cur = conn.execute(
-            f"DELETE FROM {ib} WHERE consumer_group = %(group)s AND event_id IN ("
-            f"SELECT event_id FROM {ib} WHERE consumer_group = %(group)s "
-            "AND processed_at < now() - %(age)s LIMIT %(limit)s)",
-            {"group": group, "age": _interval(age_seconds), "limit": limit})
-        return cur.rowcount
-
-    def claim_inbox(self, conn: psycopg.Connection[Any], group: str,
-                    ids: list[uuid.UUID]) -> set[uuid.UUID]:
-        """Insert a batch's dedupe records in one statement; returns the ids not processed
-        before. Sorted, so two consumers claiming overlapping ids lock them in one order."""
-        ib = self.t.inbox.name
-        rows = conn.execute(
-            f"INSERT INTO {ib} (consumer_group, event_id, processed_at) "
-            "SELECT %(group)s, id, now() FROM unnest(%(ids)s::uuid[]) AS u(id) ORDER BY id "
-            "ON CONFLICT DO NOTHING RETURNING event_id",
-            {"group": group, "ids": sorted(set(ids))})
-        return {r[0] for r in rows}
-
-    def unclaim_inbox(self, conn: psycopg.Connection[Any], group: str,
-                      ids: list[uuid.UUID]) -> int:
-        """Remove dedupe records claimed by a batch for events it did not finish."""
-        cur = conn.execute(
-            f"DELETE FROM {self.t.inbox.name} WHERE consumer_group = %(group)s "
-            "AND event_id = ANY(%(ids)s)", {"group": group, "ids": ids})
-        return cur.rowcount
 
 
 def _chosen(positions: list[int] | None) -> dict[str, Any]:

@@ -59,15 +59,19 @@ def progress(url: str) -> tuple[int, int]:
 
 
 def check(url: str, kafka: str, topic: str, committed: dict[str, tuple[str, int]],
-          timeline: list[dict[str, Any]], started_wall: float) -> Findings:
-    """Read the whole topic and the effects table; compare with `committed`."""
+          timeline: list[dict[str, Any]], started_wall: float,
+          read_committed: bool = False) -> Findings:
+    """Read the whole topic (as a read_committed consumer, if asked: records of aborted
+    transactions are not seen) and the effects table; compare with `committed`."""
     out = Findings()
     first: dict[str, list[int]] = defaultdict(list)  # key -> versions, first copies in order
     first_ids: dict[str, list[str]] = defaultdict(list)  # key -> their event ids
     copies: dict[str, Copy] = {}
     dups: list[tuple[Copy, Copy]] = []  # (first copy, later copy)
     consumer = KafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=f"check-{uuid.uuid4().hex}")
+                             enable_auto_commit=False, group_id=f"check-{uuid.uuid4().hex}",
+                             isolation_level="read_committed" if read_committed
+                             else "read_uncommitted")
     quiet = 0
     while quiet < 3:
         batch = consumer.poll(timeout_ms=1000)

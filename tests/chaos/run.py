@@ -1,8 +1,8 @@
 """The chaos run: the real system as processes under a seeded fault schedule, then a
 checker over what happened.
 
-    python -m tests.chaos.run --seed 1 --duration 600 [--unsafe ack|ordering|dedupe|shards]
-                              [--min-faults-per-10min 50]
+    python -m tests.chaos.run --seed 1 --duration 600 [--min-faults-per-10min 50]
+        [--unsafe ack|ordering|dedupe|shards|progress] [--exactly-once]
 
 Writers (the decorator), 3 relays and 2 consumers run against the real PostgreSQL and
 Kafka; relays reach both, and consumers reach Kafka, through TCP proxies this harness
@@ -13,7 +13,9 @@ at the proxies, and faults aimed at each crash window of the design
 (tests/chaos/faults.py). A supervisor restarts any relay or consumer that exits on its
 own. Then everything heals, the outbox drains, and the checker compares Kafka and the
 consumer's effects with what the database says committed. Exit 1 on any violation, or
-when a kind of fault fell short of the floor.
+when a kind of fault fell short of the floor. With --exactly-once the relays send in
+Kafka transactions, the checker reads read_committed, and any duplicate in Kafka is a
+violation ("duplicates delivered").
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Report:
     seed: int
     duration: float
     unsafe: str | None
+    exactly_once: bool = False  # relays send in transactions; Kafka read read_committed
     kinds: tuple[str, ...] = KINDS
     floors: dict[str, int] = field(default_factory=dict)  # the floor of each kind
     faults: Counter[str] = field(default_factory=Counter)  # faults that hit
@@ -97,7 +100,10 @@ class Report:
         return {k: v for k, v in {
             "lost": self.lost, "phantom": self.phantom, "order_violations": self.order_violations,
             "double_applied": self.double_applied, "not_applied": self.not_applied,
-            "outbox_left": self.outbox_left}.items() if v}
+            "outbox_left": self.outbox_left,
+            # exactly-once: a read_committed consumer must see no event twice
+            "duplicates_delivered": self.duplicates_absorbed if self.exactly_once else 0,
+        }.items() if v}
 
     @property
     def short_of_floor(self) -> list[str]:
@@ -106,6 +112,7 @@ class Report:
     def as_dict(self) -> dict[str, object]:
         return {
             "seed": self.seed, "duration": self.duration, "unsafe": self.unsafe,
+            "exactly_once": self.exactly_once,
             "floors": self.floors, "faults": {k: self.faults[k] for k in self.kinds},
             "missed": {k: self.missed[k] for k in self.kinds if self.missed[k]},
             "fault_seconds": {k: _stats(v) for k, v in self.fault_seconds.items()},
@@ -130,7 +137,8 @@ def _stats(seconds: list[float]) -> dict[str, float]:
 
 def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 3,
         consumers: int = 2, writers: int = 2, rate: float = 60.0, min_per_10min: int = 0,
-        kinds: tuple[str, ...] = KINDS, log: Callable[[str], None] = print) -> Report:
+        kinds: tuple[str, ...] = KINDS, log: Callable[[str], None] = print,
+        exactly_once: bool = False) -> Report:
     """Run the system under faults of `kinds` for `duration` seconds, then check it.
 
     With `min_per_10min`, each random kind has that floor per 600 s (pro rata) and each
@@ -146,7 +154,8 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
     floors = {k: 0 if not min_per_10min else
               max(1, floor_for(WINDOW_PER_10MIN, duration)) if k in WINDOW_KINDS else
               floor_for(min_per_10min, duration) for k in kinds}
-    report = Report(seed=seed, duration=duration, unsafe=unsafe, kinds=kinds, floors=floors)
+    report = Report(seed=seed, duration=duration, unsafe=unsafe, kinds=kinds, floors=floors,
+                    exactly_once=exactly_once)
 
     db = "outbox_chaos"
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
@@ -172,12 +181,17 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
     base_env = {**os.environ, "PYTHONPATH": str(ROOT), "CHAOS_TOPIC": topic,
                 "CHAOS_GROUP": f"chaos-{run_id}", "OUTBOX_LOG_LEVEL": "INFO"}
     base_env.pop("OUTBOX_FAULT_CRASH", None)
+    base_env.pop("OUTBOX_EXACTLY_ONCE", None)
 
     def env_for(part: str) -> dict[str, str]:
-        wanted = {"ordering": "writer", "ack": "relay", "shards": "relay", "dedupe": "consumer"}
+        wanted = {"ordering": "writer", "ack": "relay", "shards": "relay", "dedupe": "consumer",
+                  "progress": "relay"}
+        env = dict(base_env)
+        if exactly_once and part == "relay":
+            env["OUTBOX_EXACTLY_ONCE"] = "1"
         if unsafe and wanted[unsafe] == part:
-            return {**base_env, "OUTBOX_UNSAFE_DISABLE": unsafe}
-        return base_env
+            env["OUTBOX_UNSAFE_DISABLE"] = unsafe
+        return env
 
     children: list[Proc] = []  # killed if the run fails half-way, so none outlives it
     supervisor: Supervisor | None = None
@@ -316,7 +330,8 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         for proxy in proxies:
             proxy.close()
         engine.dispose()
-        found = check(direct_url, kafka, topic, committed, report.timeline, started_wall)
+        found = check(direct_url, kafka, topic, committed, report.timeline, started_wall,
+                      read_committed=exactly_once)
         if found.lost or found.phantom or found.order_violations:
             log(f"  topic {topic} and database {db} kept as evidence")
         else:
@@ -359,6 +374,7 @@ def print_summary(report: Report) -> None:
     from rich.table import Table
 
     title = (f"chaos run: seed {report.seed}, {report.duration:.0f} s"
+             + (", exactly-once" if report.exactly_once else "")
              + (f", UNSAFE without {report.unsafe}" if report.unsafe else ""))
     faults = Table(title=f"{title}: faults")
     for col in ("kind", "injected", "missed", "mean s", "max s", "floor"):
@@ -378,7 +394,8 @@ def print_summary(report: Report) -> None:
         ("lost", report.lost), ("phantom", report.phantom),
         ("order violations", report.order_violations),
         ("double-applied", report.double_applied), ("not applied", report.not_applied),
-        ("duplicates delivered and absorbed", report.duplicates_absorbed),
+        ("duplicates delivered" + (" (read_committed)" if report.exactly_once
+                                   else " and absorbed"), report.duplicates_absorbed),
         ("outbox left", report.outbox_left),
         ("drain time", f"{report.drain_seconds} s" if report.drain_seconds is not None
          else "did not drain"),
@@ -400,7 +417,10 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--duration", type=float, default=120)
-    parser.add_argument("--unsafe", choices=["ack", "ordering", "dedupe", "shards"])
+    parser.add_argument("--unsafe", choices=["ack", "ordering", "dedupe", "shards", "progress"])
+    parser.add_argument("--exactly-once", action="store_true",
+                        help="relays with --exactly-once; the checker reads read_committed "
+                             "and counts any duplicate as a violation")
     parser.add_argument("--min-faults-per-10min", type=int, default=0, metavar="N",
                         help="fail unless every kind of fault hit N times per 600 s of run "
                              "(pro rata, rounded down); the schedule aims above it")
@@ -416,7 +436,8 @@ def main() -> int:
     # Terminated, the run still kills its processes (run() cleans up on SystemExit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run(args.seed, args.duration, unsafe=args.unsafe,
-                 min_per_10min=args.min_faults_per_10min, kinds=kinds)
+                 min_per_10min=args.min_faults_per_10min, kinds=kinds,
+                 exactly_once=args.exactly_once)
     print_summary(report)
     out = ROOT / "reports" / f"chaos-seed{args.seed}.json"
     out.write_text(json.dumps(report.as_dict(), indent=2))

@@ -1,4 +1,5 @@
-"""The short chaos run (fixed seed, about two minutes) that `make test` includes.
+"""The short chaos runs (fixed seed, about two minutes each) that `make test` includes:
+the default relay, and the exactly-once relay (no duplicate in Kafka allowed).
 
 `make chaos SEED=... DURATION=...` runs the long one; see tests/chaos/run.py.
 """
@@ -12,12 +13,13 @@ import pytest
 from tests.chaos.run import KINDS, print_summary, run
 
 
-def test_short_chaos_run_keeps_every_guarantee() -> None:
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+def test_short_chaos_run_keeps_every_guarantee(exactly_once: bool) -> None:
     if not os.environ.get("OUTBOX_DATABASE_URL") or not os.environ.get(
             "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"):
         pytest.fail("the chaos run needs the real servers: run it with `make test`",
                     pytrace=False)
-    report = run(seed=7, duration=70)
+    report = run(seed=7, duration=70 if not exactly_once else 60, exactly_once=exactly_once)
     print_summary(report)
     assert report.violations == {}, (report.violations, report.examples)
     assert report.drain_seconds is not None

@@ -1,0 +1,232 @@
+"""The exactly-once relay's sends (`outbox relay --exactly-once`): Kafka transactions,
+fenced per shard.
+
+Producers: one transactional producer per owned shard, with the transactional id
+`outbox-<namespace>-shard-<n>` (the namespace is `<database>.<table prefix>` unless
+given), made when the relay takes the shard and closed when it lets it go. One per
+shard, not one per relay, because fencing must follow ownership: the relay that takes
+a shard initializes that shard's id, which bumps its epoch and aborts what the previous
+owner left open, and a zombie owner (paused past its lease, then resumed) fails with
+`Fenced` on that shard and can commit nothing more there. A relay-wide id would fence
+whole relays, not shards, and could not be handed over shard by shard. The cost is one
+producer (a few connections, librdkafka or kafka-python threads) per owned shard; a
+relay owns `shards / relays` of them.
+
+Each cycle, per shard with events: begin, send its events in order, send its progress
+record (outbox.progress), commit; then delete what committed. A shard never begins its
+next transaction before the rows of the previous one are deleted, so its last progress
+record names every row Kafka holds and the outbox still might: taking a shard, a relay
+reads that record and deletes those rows (unless `OUTBOX_UNSAFE_DISABLE=progress`).
+
+Failures: a transaction that fails (a send refused, a timeout, the broker aborting it
+past `transaction.timeout.ms`, which the relay sets to its lease) is aborted and its
+events sent again from the first. The failing event gets an attempt, as without the
+flag. A permanent error makes the shard a suspect: its head is then sent alone in a
+transaction, and only an event refused alone is dead-lettered, so a dead letter never
+entered a committed transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+
+from outbox import _unsafe
+from outbox._faults import crash_point
+from outbox.progress import ProgressLog
+from outbox.publisher import Delivery
+from outbox.sending import Sender, Settled
+from outbox.store import Row
+from outbox.txn import Fenced, TxnFailed, TxnProducer
+
+log = logging.getLogger("outbox.relay")
+
+
+def namespace(db_url: str, table_prefix: str) -> str:
+    """The default name of an outbox on a Kafka cluster, `<database>.<table prefix>`:
+    its transactional ids and progress topic must not be shared with another outbox
+    (one would fence the other, and read the other's progress)."""
+    from sqlalchemy.engine import make_url
+
+    name = f"{make_url(db_url).database or 'db'}.{table_prefix}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200]
+
+
+def transactional_id(ns: str, shard: int) -> str:
+    return f"outbox-{ns}-shard-{shard}"
+
+
+class TxnSender:
+    """Sends each owned shard's events in Kafka transactions; see the module docstring."""
+
+    def __init__(self, sender: Sender, make_producer: Callable[[str], TxnProducer],
+                 progress: ProgressLog, namespace: str) -> None:
+        self.sender = sender  # its failure accounting and suspects are shared
+        self.relay_id = sender.relay_id
+        self.config = sender.config
+        self.store = sender.store
+        self.make_producer = make_producer
+        self.progress = progress
+        self.namespace = namespace
+        self.producers: dict[int, TxnProducer] = {}
+        self.suspects = sender.suspects
+        self.timeout = sender.config.lease_seconds
+        self._prepared = False
+
+    # -- shards taken and let go -----------------------------------------------------
+
+    def take(self, conn: psycopg.Connection[Any], shards: list[int], num_shards: int) -> None:
+        """Fence each shard's previous owner and delete the rows its last committed
+        transaction carried. The producers are made together (each initialization is a
+        round trip to the transaction coordinator, which may wait for the previous
+        owner's transaction to end), while the session is kept alive."""
+        if not shards:
+            return
+        if not self._prepared:
+            self.progress.prepare(num_shards)
+            self._prepared = True
+        heartbeat = self.config.lease_seconds / 3
+        with ThreadPoolExecutor(max_workers=min(8, len(shards)),
+                                thread_name_prefix="outbox-take") as pool:
+            made = {shard: pool.submit(self.make_producer,
+                                       transactional_id(self.namespace, shard))
+                    for shard in shards}
+            while futures.wait(list(made.values()), timeout=heartbeat).not_done:
+                conn.execute("SELECT 1")
+        failed: BaseException | None = None
+        for shard, future in made.items():
+            if future.exception() is not None:
+                failed = failed or future.exception()
+                continue
+            producer = future.result()
+            try:
+                conn.execute("SELECT 1")  # each progress read may take a moment
+                self._settle_previous(conn, shard)
+            except BaseException:
+                producer.close(1.0)
+                for later, f in made.items():  # close the ones not registered yet
+                    if later > shard and f.exception() is None:
+                        f.result().close(1.0)
+                raise
+            self.producers[shard] = producer  # only now: its progress was checked
+        if failed is not None:
+            raise failed
+
+    def _settle_previous(self, conn: psycopg.Connection[Any], shard: int) -> None:
+        """Delete the rows the shard's last committed transaction carried (they were
+        committed by the previous owner, or by us before a failed commit's answer)."""
+        if _unsafe.disabled("progress"):  # fault injection: resend what Kafka holds
+            return
+        done = self.progress.last(shard)
+        if done:
+            gone = self.store.acknowledge_exact(
+                conn, done, keep=self.config.retention_seconds is not None)
+            if gone:
+                log.info("relay %s: shard %d: %d events were already committed to Kafka; "
+                         "removed, not sent again", self.relay_id, shard, gone)
+
+    def let_go(self, shards: list[int] | None = None) -> None:
+        """The relay no longer owns `shards` (all when None): close their producers."""
+        for shard in list(self.producers) if shards is None else shards:
+            self.suspects.discard(shard)
+            self._reset(shard)
+
+    def _reset(self, shard: int) -> None:
+        """Close the shard's producer; an open transaction is left for the next
+        initialization of its id (the next `take`, here or elsewhere) to abort."""
+        producer = self.producers.pop(shard, None)
+        if producer is not None:
+            try:
+                producer.close(1.0)
+            except Exception as exc:
+                log.debug("relay %s: closing the producer of shard %d: %s", self.relay_id,
+                          shard, exc)
+
+    def close(self) -> None:
+        self.let_go()
+        self.progress.close()
+
+    # -- a cycle ---------------------------------------------------------------------
+
+    def cycle(self, conn: psycopg.Connection[Any], rows: list[Row]) -> Settled:
+        """One transaction per shard in `rows` (claimed, in order per shard), then the
+        deletes. Raises Fenced if a shard was taken from under the relay."""
+        by_shard: dict[int, list[Row]] = {}
+        for row in rows:
+            if row.shard not in self.suspects:
+                by_shard.setdefault(row.shard, []).append(row)
+        # a shard's events stop at its first one waiting for a retry
+        sends = {s: sent for s, rs in by_shard.items() if (sent := _until_backing_off(rs))}
+        for shard in sorted(self.suspects & set(self.producers)):
+            head = self.store.claim(conn, [shard], 1).rows
+            self.suspects.discard(shard)
+            if head and not head[0].backing_off:
+                sends[shard] = head[:1]
+                isolated = {shard}
+                break
+        else:
+            isolated = set()
+        started: dict[int, list[tuple[Row, Delivery]]] = {}
+        for shard, shard_rows in sends.items():
+            started[shard] = self._begin(shard, shard_rows)
+        crash_point("relay.after_send")
+        out = Settled(sent=sum(len(b) for b in started.values()))
+        acked: list[int] = []
+        for shard, batch in started.items():
+            if self._commit(conn, shard, batch, shard in isolated):
+                acked.extend(row.position for row, _ in batch)
+                out.heads[shard] = batch[-1][0].position
+        if acked:
+            crash_point("relay.after_ack")
+            self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
+        out.acked = len(acked)
+        return out
+
+    def _begin(self, shard: int, rows: list[Row]) -> list[tuple[Row, Delivery]]:
+        producer = self.producers[shard]
+        producer.begin()
+        batch = [(row, producer.send(row.topic, row.key, row.value, row.headers))
+                 for row in rows]
+        self.progress.record(producer, shard, [(row.position, row.event_id) for row, _ in batch],
+                             self.relay_id)
+        return batch
+
+    def _commit(self, conn: psycopg.Connection[Any], shard: int,
+                batch: list[tuple[Row, Delivery]], isolated: bool) -> bool:
+        """Commit the shard's transaction. True when it committed. When it did not, the
+        first refused event is accounted for (an attempt, a suspect, a dead letter) and
+        the producer is dropped: the next cycle makes it again, which aborts what is
+        open and, like any takeover, reads the shard's progress first, so a commit that
+        went through after all (a time-out on its answer) is never sent twice."""
+        try:
+            self.producers[shard].commit(self.timeout)
+            return True
+        except Fenced:
+            self.let_go([shard])
+            raise
+        except TxnFailed as exc:
+            self._reset(shard)
+            failure = next(((row, error) for row, d in batch
+                            if d.done() and (error := d.error()) is not None), None)
+            if failure is None:
+                self.sender.throttle.warn(f"txn{shard}", f"relay {self.relay_id}: the "
+                                          f"transaction of shard {shard} did not commit "
+                                          f"({exc}); sent again")
+                return False
+            self.sender.account(conn, failure[0], failure[1], isolated)
+            return False
+
+
+def _until_backing_off(rows: list[Row]) -> list[Row]:
+    out = []
+    for row in rows:
+        if row.backing_off:
+            break
+        out.append(row)
+    return out
