@@ -115,6 +115,9 @@ class TimedTxn:
             self._ids.append(_event_id(headers))
         return self.inner.send(topic, key, value, headers, partition)
 
+    def flush(self, timeout: float) -> None:
+        self.inner.flush(timeout)
+
     def commit(self, timeout: float) -> None:
         self.inner.commit(timeout)
         now = time.monotonic()

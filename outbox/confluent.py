@@ -232,6 +232,9 @@ class ConfluentTxnProducer:
             return FailedDelivery(classify(exc.args[0]))
         return delivery
 
+    def flush(self, timeout: float) -> None:
+        self._producer.flush(timeout)
+
     def commit(self, timeout: float) -> None:
         self._call(self._producer.commit_transaction, timeout)
 

@@ -43,7 +43,7 @@ from outbox.progress import ProgressLog
 from outbox.publisher import Delivery
 from outbox.sending import Sender, Settled
 from outbox.store import Row
-from outbox.txn import Fenced, TxnFailed, TxnProducer
+from outbox.txn import Fenced, TxnFailed, TxnProducer, is_fenced
 
 log = logging.getLogger("outbox.relay")
 
@@ -76,7 +76,9 @@ class TxnSender:
         self.namespace = namespace
         self.producers: dict[int, TxnProducer] = {}
         self.suspects = sender.suspects
-        self.timeout = sender.config.lease_seconds
+        # flush, then commit, each at most this long: with a heartbeat before each shard,
+        # the session is never idle past the lease while Kafka is slow
+        self.timeout = sender.config.lease_seconds / 3
         self._prepared = False
 
     # -- shards taken and let go -----------------------------------------------------
@@ -123,7 +125,7 @@ class TxnSender:
         committed by the previous owner, or by us before a failed commit's answer)."""
         if _unsafe.disabled("progress"):  # fault injection: resend what Kafka holds
             return
-        done = self.progress.last(shard)
+        done = self.progress.last(shard, keepalive=lambda: conn.execute("SELECT 1"))
         if done:
             gone = self.store.acknowledge_exact(
                 conn, done, keep=self.config.retention_seconds is not None)
@@ -172,14 +174,14 @@ class TxnSender:
                 break
         else:
             isolated = set()
-        started: dict[int, list[tuple[Row, Delivery]]] = {}
+        started: dict[int, tuple[list[tuple[Row, Delivery]], Delivery]] = {}
         for shard, shard_rows in sends.items():
             started[shard] = self._begin(shard, shard_rows)
         crash_point("relay.after_send")
-        out = Settled(sent=sum(len(b) for b in started.values()))
+        out = Settled(sent=sum(len(b) for b, _ in started.values()))
         acked: list[int] = []
-        for shard, batch in started.items():
-            if self._commit(conn, shard, batch, shard in isolated):
+        for shard, (batch, progress) in started.items():
+            if self._commit(conn, shard, batch, progress, shard in isolated):
                 acked.extend(row.position for row, _ in batch)
                 out.heads[shard] = batch[-1][0].position
         if acked:
@@ -188,24 +190,35 @@ class TxnSender:
         out.acked = len(acked)
         return out
 
-    def _begin(self, shard: int, rows: list[Row]) -> list[tuple[Row, Delivery]]:
+    def _begin(self, shard: int,
+               rows: list[Row]) -> tuple[list[tuple[Row, Delivery]], Delivery]:
+        """Begin the shard's transaction and send its events and its progress record."""
         producer = self.producers[shard]
         producer.begin()
         batch = [(row, producer.send(row.topic, row.key, row.value, row.headers))
                  for row in rows]
-        self.progress.record(producer, shard, [(row.position, row.event_id) for row, _ in batch],
-                             self.relay_id)
-        return batch
+        done = [(row.position, row.event_id) for row, _ in batch]
+        return batch, self.progress.record(producer, shard, done, self.relay_id)
 
     def _commit(self, conn: psycopg.Connection[Any], shard: int,
-                batch: list[tuple[Row, Delivery]], isolated: bool) -> bool:
-        """Commit the shard's transaction. True when it committed. When it did not, the
+                batch: list[tuple[Row, Delivery]], progress: Delivery,
+                isolated: bool) -> bool:
+        """Commit the shard's transaction once every record of it is acknowledged (never
+        with one missing: kafka-python was seen committing a transaction whose record had
+        expired, which loses that event). True when it committed. When it did not, the
         first refused event is accounted for (an attempt, a suspect, a dead letter) and
         the producer is dropped: the next cycle makes it again, which aborts what is
         open and, like any takeover, reads the shard's progress first, so a commit that
         went through after all (a time-out on its answer) is never sent twice."""
+        producer = self.producers[shard]
         try:
-            self.producers[shard].commit(self.timeout)
+            conn.execute("SELECT 1")  # the session outlives a slow shard (idle timeout)
+            producer.flush(self.timeout)
+            missing = sum(1 for _, d in batch if not d.done() or d.error() is not None)
+            missing += not progress.done() or progress.error() is not None
+            if missing:
+                raise TxnFailed(f"{missing} records of the transaction not acknowledged")
+            producer.commit(self.timeout)
             return True
         except Fenced:
             self.let_go([shard])
@@ -214,6 +227,9 @@ class TxnSender:
             self._reset(shard)
             failure = next(((row, error) for row, d in batch
                             if d.done() and (error := d.error()) is not None), None)
+            if failure is not None and is_fenced(failure[1]):
+                self.let_go([shard])
+                raise Fenced(f"{type(failure[1]).__name__}: {failure[1]}") from exc
             if failure is None:
                 self.sender.throttle.warn(f"txn{shard}", f"relay {self.relay_id}: the "
                                           f"transaction of shard {shard} did not commit "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from outbox.errors import ConfigError
@@ -57,8 +58,9 @@ class ProgressLog(Protocol):
                relay_id: str) -> Delivery:
         """Send the shard's progress record inside the producer's open transaction."""
 
-    def last(self, shard: int) -> Done:
-        """The rows the shard's last committed transaction carried ([] if none)."""
+    def last(self, shard: int, keepalive: Callable[[], object] = lambda: None) -> Done:
+        """The rows the shard's last committed transaction carried ([] if none);
+        `keepalive` is called about every half second while it waits."""
 
     def prepare(self, num_shards: int) -> None:
         """Before the first transaction: the topic exists, with a partition per shard."""
@@ -118,7 +120,7 @@ class KafkaProgressLog:
         return producer.send(self.topic, f"shard-{shard}".encode(),
                              encode(shard, done, relay_id), [], partition=shard)
 
-    def last(self, shard: int) -> Done:
+    def last(self, shard: int, keepalive: Callable[[], object] = lambda: None) -> Done:
         from kafka import TopicPartition
 
         consumer = self._open()
@@ -135,6 +137,7 @@ class KafkaProgressLog:
                 if time.monotonic() > deadline:
                     raise TxnFailed(f"reading {self.topic}[{shard}] took over "
                                     f"{self.timeout:.0f}s")
+                keepalive()
                 for record in consumer.poll(timeout_ms=500).get(tp, []):
                     if record.offset < end and record.value is not None:
                         found = record.value
@@ -180,7 +183,7 @@ class InMemoryProgressLog:
         return producer.send(self.topic, f"shard-{shard}".encode(),
                              encode(shard, done, relay_id), [], partition=shard)
 
-    def last(self, shard: int) -> Done:
+    def last(self, shard: int, keepalive: Callable[[], object] = lambda: None) -> Done:
         with self.broker._lock:
             mine = [r for r in self.broker.committed
                     if r.topic == self.topic and r.partition == shard]

@@ -44,6 +44,9 @@ class TxnProducer(Protocol):
     def send(self, topic: str, key: bytes, value: bytes, headers: KafkaHeaders,
              partition: int | None = None) -> Delivery: ...
 
+    def flush(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) for Kafka's answer to every record sent."""
+
     def commit(self, timeout: float) -> None:
         """Flush and commit; `TxnFailed` or `Fenced` if it did not commit."""
 
@@ -53,6 +56,16 @@ class TxnProducer(Protocol):
 
 
 TxnProducerFactory = Callable[[str], TxnProducer]
+
+_FENCED_NAMES = {"ProducerFencedError", "InvalidProducerEpochError", "_FENCED",
+                 "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"}
+
+
+def is_fenced(error: BaseException) -> bool:
+    """A record's error that means a newer producer holds the id (kafka-python's error
+    class, or librdkafka's error name)."""
+    return isinstance(error, Fenced) or type(error).__name__ in _FENCED_NAMES or \
+        getattr(error, "kind", None) in _FENCED_NAMES
 
 
 def make_txn_producer(client: str, settings: KafkaSettings, transactional_id: str,
@@ -125,6 +138,12 @@ class KafkaTxnProducer:
         except KafkaError as exc:
             return FailedDelivery(exc)
 
+    def flush(self, timeout: float) -> None:
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaError as exc:
+            raise _kafka_python_error(exc) from exc
+
     def commit(self, timeout: float) -> None:
         self._bounded(self._producer.commit_transaction, timeout)
 
@@ -176,6 +195,9 @@ class InMemoryTxnBroker:
         self.aborted: list[Record] = []
         self.fail = fail
         self.before_commit: Callable[[str], None] = lambda tid: None  # a test's hook
+        # True: commit the records that were taken even though one failed (as kafka-python
+        # was seen to do); the caller must not rely on the commit to refuse.
+        self.commit_despite_failures = False
         self._ids: dict[str, _Id] = {}
         self._lock = threading.Lock()
 
@@ -223,11 +245,14 @@ class InMemoryTxnProducer:
 
         return _DELIVERED
 
+    def flush(self, timeout: float) -> None:
+        return None
+
     def commit(self, timeout: float) -> None:
         self.broker.before_commit(self.transactional_id)
         with self.broker._lock:
             state = self.broker._state(self.transactional_id, self.epoch)
-            if self._failed is not None:
+            if self._failed is not None and not self.broker.commit_despite_failures:
                 raise TxnFailed(f"a send failed: {self._failed}")
             self.broker.committed.extend(state.open)
             state.open = []

@@ -52,7 +52,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from outbox import Outbox, _unsafe
 from outbox._faults import EXIT_CODE as CRASH_EXIT
 from tests.chaos.app import probe, race
-from tests.chaos.proxy import KAFKA_PRODUCE, TcpProxy, port_owners
+from tests.chaos.proxy import (
+    KAFKA_ADD_PARTITIONS_TO_TXN,
+    KAFKA_END_TXN,
+    KAFKA_PRODUCE,
+    TcpProxy,
+    port_owners,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = str(ROOT / "scripts" / "stack")
@@ -250,8 +256,20 @@ class Faults:
 
     def __init__(self, *, relays: list[Proc], consumers: list[Proc], kafka_proxy: TcpProxy,
                  pg_proxy: TcpProxy, factory: sessionmaker[Session], topic: str,
-                 unsafe: str | None, stop: threading.Event, trace: Path) -> None:
+                 unsafe: str | None, stop: threading.Event, trace: Path,
+                 exactly_once: bool = False) -> None:
         self.relays, self.consumers = relays, consumers
+        # The requests that mean "a send in flight". A transactional relay first adds the
+        # partitions to its transaction, then produces, then ends the transaction: a
+        # relay held at any of the three has records handed over and no commit answered.
+        self.in_flight_keys = {KAFKA_PRODUCE} | (
+            {KAFKA_ADD_PARTITIONS_TO_TXN, KAFKA_END_TXN} if exactly_once else set())
+        # While aiming at a send in flight, other requests held this long are let through
+        # for that long. A transactional relay that took shards over first initializes a
+        # producer per shard (FindCoordinator, InitProducerId, retried while the previous
+        # owner's transaction is aborted): it needs the way open more often, and longer.
+        self.let_through = (0.3, 1.0) if exactly_once else (1.0, 0.3)
+        self.aim_seconds = 14.0 if exactly_once else 8.0
         self.kafka_proxy, self.pg_proxy = kafka_proxy, pg_proxy
         self.proxies = [kafka_proxy, pg_proxy]
         self.factory, self.topic, self.unsafe = factory, topic, unsafe
@@ -429,7 +447,7 @@ class Faults:
                 # events on 16 keys: every live relay owns one of their shards, so it sends
                 probe(self.factory, self.box, self.topic,
                       [f"probe-{i}" for i in range(16)])
-                victim, seen = self._relay_with_send_held(rng, timeout=8.0)
+                victim, seen = self._relay_with_send_held(rng, timeout=self.aim_seconds)
                 if victim is None:
                     return False, f"no free relay had a send in flight ({seen})"
                 try:
@@ -488,32 +506,35 @@ class Faults:
 
     def _relay_with_send_held(self, rng: random.Random,
                               timeout: float) -> tuple[Proc | None, str]:
-        """A relay with a Produce request held in the Kafka proxy (which the caller holds),
+        """A relay with a send held in the Kafka proxy (which the caller holds; a request of
+        `in_flight_keys`),
         locked for the caller (no other fault acts on it); None if none shows up in
-        `timeout` seconds, with what was seen instead. Other requests held for a second
-        (clients connecting, fetching metadata) are let through, so a relay gets to send."""
+        `timeout` seconds, with what was seen instead. Other requests held a while
+        (clients connecting, fetching metadata) are let through (`let_through`), so a
+        relay gets to send."""
         deadline = time.monotonic() + timeout
         seen = "nothing held"
         other_since: float | None = None
         while time.monotonic() < deadline and not self.stop.is_set():
             time.sleep(0.1)
             held = self.kafka_proxy.held_kafka_requests()
-            ports = [port for port, keys in held.items() if KAFKA_PRODUCE in keys]
+            ports = [port for port, keys in held.items() if self.in_flight_keys & set(keys)]
             if not ports:
                 keys = sorted({k for ks in held.values() for k in ks})
-                seen = f"held requests {keys}, no Produce"
+                seen = f"held requests {keys}, no send"
                 if keys and other_since is None:
                     other_since = time.monotonic()
-                elif keys and other_since is not None and time.monotonic() - other_since > 1:
+                elif keys and other_since is not None and \
+                        time.monotonic() - other_since > self.let_through[0]:
                     self.kafka_proxy.release()  # let them through for a moment
-                    time.sleep(0.3)
+                    time.sleep(self.let_through[1])
                     self.kafka_proxy.hold()
                     other_since = None
                 continue
             by_pid = {p.pid: p for p in self.relays if p.pid is not None}
             owners = port_owners(ports, self.kafka_proxy.listen_port, by_pid)
             names = sorted({by_pid[pid].name for pid in owners.values()})
-            seen = f"Produce held from {names or 'no relay'}, all busy"
+            seen = f"a send held from {names or 'no relay'}, all busy"
             for name in rng.sample(names, len(names)):
                 victim = next(p for p in self.relays if p.name == name)
                 if victim.lock.acquire(blocking=False):

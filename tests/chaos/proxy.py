@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends a reset
 KAFKA_PRODUCE = 0  # the API key of a Kafka Produce request
+KAFKA_ADD_PARTITIONS_TO_TXN = 24  # a transactional producer's, before its first Produce
+KAFKA_END_TXN = 26  # a transactional producer's commit (or abort)
 
 
 class TcpProxy:

@@ -222,7 +222,8 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
             "connect_timeout": 5, "options": "-c statement_timeout=15000"})
         faults = Faults(relays=relay_procs, consumers=consumer_procs, kafka_proxy=kafka_proxy,
                         pg_proxy=pg_proxy, factory=sessionmaker(engine), topic=topic,
-                        unsafe=unsafe, stop=stop, trace=logs / "faults.log")
+                        unsafe=unsafe, stop=stop, trace=logs / "faults.log",
+                        exactly_once=exactly_once)
         lock = threading.Lock()
         targets = {k: target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN)
                    if k in WINDOW_KINDS else target_for(floors[k], duration) for k in kinds}

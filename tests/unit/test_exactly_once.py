@@ -165,11 +165,11 @@ def test_a_zombie_is_fenced_and_its_open_transaction_aborted() -> None:
     zombie = make(store, broker, "zombie")
     zombie.take(CONN, [0], 2)
     rows = store.claim(None, [0], 100).rows
-    started = zombie._begin(0, rows)  # sends in flight when it pauses
+    batch, progress = zombie._begin(0, rows)  # sends in flight when it pauses
     successor = make(store, broker, "successor")
     successor.take(CONN, [0], 2)  # fences the zombie
     with pytest.raises(Fenced):
-        zombie._commit(CONN, 0, started, False)
+        zombie._commit(CONN, 0, batch, progress, False)
     assert 0 not in zombie.producers
     assert event_ids(broker) == []  # the zombie's transaction was aborted
     assert cycle(successor, store, [0]) == 2
@@ -190,6 +190,23 @@ def test_a_failed_send_aborts_the_shards_transaction_and_costs_one_attempt() -> 
     failing.clear()
     assert cycle(txn, store, [0, 1]) == 3
     assert event_ids(broker)[3:] == ["id-1", "id-3", "id-5"]  # in order, once
+
+
+def test_a_client_that_would_commit_despite_a_failed_record_is_never_asked_to() -> None:
+    # kafka-python was seen committing a transaction one of whose records had expired:
+    # the sender checks every record's answer first, and commits only when all are in.
+    store = FakeStore(6)
+    failing = {"v3"}
+    broker = InMemoryTxnBroker(lambda r: Flaky("expired") if r.value.decode() in failing
+                               else None)
+    broker.commit_despite_failures = True
+    txn = make(store, broker)
+    cycle(txn, store, [0, 1])
+    assert [r.position for r in store.pending()] == [1, 3, 5]  # shard 1 not committed
+    failing.clear()
+    cycle(txn, store, [0, 1])
+    assert store.pending() == []
+    assert sorted(event_ids(broker)) == sorted(f"id-{p}" for p in range(1, 7))  # none lost
 
 
 def test_an_event_refused_for_good_is_dead_lettered_alone_and_never_committed() -> None:
