@@ -227,3 +227,34 @@ def test_an_event_refused_for_good_is_dead_lettered_alone_and_never_committed() 
     assert store.pending() == []
     assert event_ids(broker) == ["id-2", "id-4", "id-6", "id-1", "id-5"]
     assert b"v3" not in [r.value for r in broker.committed]
+
+
+def test_kafka_errors_map_onto_what_the_relay_does_with_them() -> None:
+    from outbox.errors import ConfigError
+    from outbox.txn import TxnFailed, _kafka_python_error, is_fenced
+
+    def named(name: str) -> Exception:
+        kind: type[Exception] = type(name, (Exception,), {})
+        return kind("from the broker")
+
+    refused = _kafka_python_error(named("TransactionalIdAuthorizationFailedError"))
+    assert isinstance(refused, ConfigError) and "WRITE and DESCRIBE" in str(refused)
+    assert isinstance(_kafka_python_error(named("ProducerFencedError")), Fenced)
+    assert isinstance(_kafka_python_error(named("KafkaTimeoutError")), TxnFailed)
+    assert is_fenced(named("InvalidProducerEpochError"))
+    assert not is_fenced(named("MessageSizeTooLargeError"))
+
+
+def test_a_refused_transactional_id_stops_the_take_with_its_reason() -> None:
+    from outbox.errors import ConfigError
+
+    store, broker = FakeStore(2), InMemoryTxnBroker()
+    txn = make(store, broker)
+
+    def refuse(tid: str) -> Any:
+        raise ConfigError(f"Kafka refused the transactional id {tid}")
+
+    txn.make_producer = refuse
+    with pytest.raises(ConfigError, match="refused the transactional id"):
+        txn.take(CONN, [0, 1], 2)
+    assert txn.producers == {}
