@@ -176,7 +176,15 @@ class TxnSender:
             isolated = set()
         started: dict[int, tuple[list[tuple[Row, Delivery]], Delivery]] = {}
         for shard, shard_rows in sends.items():
-            started[shard] = self._begin(shard, shard_rows)
+            try:
+                started[shard] = self._begin(shard, shard_rows)
+            except Fenced:
+                self.let_go([shard])
+                raise
+            except TxnFailed as exc:  # the producer is in a bad state: made again next cycle
+                self._reset(shard)
+                self.sender.throttle.warn(f"txn{shard}", f"relay {self.relay_id}: could not "
+                                          f"begin shard {shard}'s transaction ({exc})")
         crash_point("relay.after_send")
         out = Settled(sent=sum(len(b) for b, _ in started.values()))
         acked: list[int] = []

@@ -17,7 +17,7 @@ from outbox.publisher import Record
 from outbox.relay_config import RelayConfig
 from outbox.sending import Sender
 from outbox.store import Claim, Row
-from outbox.txn import Fenced, InMemoryTxnBroker
+from outbox.txn import Fenced, InMemoryTxnBroker, TxnFailed
 
 
 class TooLarge(Exception):
@@ -258,3 +258,19 @@ def test_a_refused_transactional_id_stops_the_take_with_its_reason() -> None:
     with pytest.raises(ConfigError, match="refused the transactional id"):
         txn.take(CONN, [0, 1], 2)
     assert txn.producers == {}
+
+
+def test_a_transaction_that_cannot_begin_skips_its_shard_for_the_cycle() -> None:
+    store, broker = FakeStore(4), InMemoryTxnBroker()
+    txn = make(store, broker)
+    txn.take(CONN, [0, 1], 2)
+    broken = txn.producers[1]
+
+    def cannot_begin() -> None:
+        raise TxnFailed("the coordinator is moving")
+
+    broken.begin = cannot_begin  # type: ignore[method-assign]
+    assert txn.cycle(CONN, store.claim(CONN, [0, 1], 100).rows).acked == 2  # shard 0 went
+    assert 1 not in txn.producers  # made again (fenced, progress read) next cycle
+    assert cycle(txn, store, [0, 1]) == 2
+    assert store.pending() == []
