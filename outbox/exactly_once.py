@@ -80,6 +80,7 @@ class TxnSender:
         # the session is never idle past the lease while Kafka is slow
         self.timeout = sender.config.lease_seconds / 3
         self._prepared = False
+        self._pool: ThreadPoolExecutor | None = None  # commits the shards' transactions
 
     # -- shards taken and let go -----------------------------------------------------
 
@@ -153,6 +154,9 @@ class TxnSender:
     def close(self) -> None:
         self.let_go()
         self.progress.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     # -- a cycle ---------------------------------------------------------------------
 
@@ -187,15 +191,22 @@ class TxnSender:
                                           f"begin shard {shard}'s transaction ({exc})")
         crash_point("relay.after_send")
         out = Settled(sent=sum(len(b) for b, _ in started.values()))
+        ended = self._finish_all(conn, started)
         acked: list[int] = []
-        for shard, (batch, progress) in started.items():
-            if self._commit(conn, shard, batch, progress, shard in isolated):
-                acked.extend(row.position for row, _ in batch)
-                out.heads[shard] = batch[-1][0].position
-        if acked:
+        fenced: Fenced | None = None
+        for shard, (batch, _) in started.items():
+            try:
+                if self._outcome(conn, shard, batch, ended[shard], shard in isolated):
+                    acked.extend(row.position for row, _ in batch)
+                    out.heads[shard] = batch[-1][0].position
+            except Fenced as exc:
+                fenced = fenced or exc
+        if acked:  # also when another shard was fenced: what committed is deleted first
             crash_point("relay.after_ack")
             self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
         out.acked = len(acked)
+        if fenced is not None:
+            raise fenced
         return out
 
     def _begin(self, shard: int,
@@ -208,43 +219,76 @@ class TxnSender:
         done = [(row.position, row.event_id) for row, _ in batch]
         return batch, self.progress.record(producer, shard, done, self.relay_id)
 
+    def _finish_all(self, conn: psycopg.Connection[Any],
+                    started: dict[int, tuple[list[tuple[Row, Delivery]], Delivery]]
+                    ) -> dict[int, BaseException | None]:
+        """Flush and commit every shard's transaction at once, on the pool's threads
+        (each commit is a round trip to the coordinator; one after the other they would
+        add up per cycle), keeping the session alive meanwhile. Per shard: None when it
+        committed, else the error."""
+        if not started:
+            return {}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="outbox-txn")
+        pending = {shard: self._pool.submit(self._finish, shard, batch, progress)
+                   for shard, (batch, progress) in started.items()}
+        while futures.wait(list(pending.values()), timeout=self.timeout).not_done:
+            conn.execute("SELECT 1")
+        return {shard: f.exception() for shard, f in pending.items()}
+
+    def _finish(self, shard: int, batch: list[tuple[Row, Delivery]],
+                progress: Delivery) -> None:
+        """Commit the shard's transaction once every record of it is acknowledged (never
+        with one missing: kafka-python was seen committing a transaction whose record had
+        expired, which loses that event). Raises TxnFailed or Fenced if it did not."""
+        producer = self.producers[shard]
+        producer.flush(self.timeout)
+        missing = sum(1 for _, d in batch if not d.done() or d.error() is not None)
+        missing += not progress.done() or progress.error() is not None
+        if missing:
+            raise TxnFailed(f"{missing} records of the transaction not acknowledged")
+        producer.commit(self.timeout)
+
     def _commit(self, conn: psycopg.Connection[Any], shard: int,
                 batch: list[tuple[Row, Delivery]], progress: Delivery,
                 isolated: bool) -> bool:
-        """Commit the shard's transaction once every record of it is acknowledged (never
-        with one missing: kafka-python was seen committing a transaction whose record had
-        expired, which loses that event). True when it committed. When it did not, the
-        first refused event is accounted for (an attempt, a suspect, a dead letter) and
-        the producer is dropped: the next cycle makes it again, which aborts what is
-        open and, like any takeover, reads the shard's progress first, so a commit that
-        went through after all (a time-out on its answer) is never sent twice."""
-        producer = self.producers[shard]
+        """`_finish` and `_outcome` for one shard, on this thread."""
         try:
-            conn.execute("SELECT 1")  # the session outlives a slow shard (idle timeout)
-            producer.flush(self.timeout)
-            missing = sum(1 for _, d in batch if not d.done() or d.error() is not None)
-            missing += not progress.done() or progress.error() is not None
-            if missing:
-                raise TxnFailed(f"{missing} records of the transaction not acknowledged")
-            producer.commit(self.timeout)
+            self._finish(shard, batch, progress)
+            error: BaseException | None = None
+        except (TxnFailed, Fenced) as exc:
+            error = exc
+        return self._outcome(conn, shard, batch, error, isolated)
+
+    def _outcome(self, conn: psycopg.Connection[Any], shard: int,
+                 batch: list[tuple[Row, Delivery]], error: BaseException | None,
+                 isolated: bool) -> bool:
+        """True when the shard's transaction committed. When it did not, the first
+        refused event is accounted for (an attempt, a suspect, a dead letter) and the
+        producer is dropped: the next cycle makes it again, which aborts what is open
+        and, like any takeover, reads the shard's progress first, so a commit that went
+        through after all (a time-out on its answer) is never sent twice. Raises Fenced
+        when another relay holds the shard's id."""
+        if error is None:
             return True
-        except Fenced:
+        if isinstance(error, Fenced):
             self.let_go([shard])
-            raise
-        except TxnFailed as exc:
-            self._reset(shard)
-            failure = next(((row, error) for row, d in batch
-                            if d.done() and (error := d.error()) is not None), None)
-            if failure is not None and is_fenced(failure[1]):
-                self.let_go([shard])
-                raise Fenced(f"{type(failure[1]).__name__}: {failure[1]}") from exc
-            if failure is None:
-                self.sender.throttle.warn(f"txn{shard}", f"relay {self.relay_id}: the "
-                                          f"transaction of shard {shard} did not commit "
-                                          f"({exc}); sent again")
-                return False
-            self.sender.account(conn, failure[0], failure[1], isolated)
+            raise error
+        if not isinstance(error, TxnFailed):
+            raise error  # not Kafka's answer: a bug, not to be taken for a failed commit
+        self._reset(shard)
+        failure = next(((row, e) for row, d in batch
+                        if d.done() and (e := d.error()) is not None), None)
+        if failure is not None and is_fenced(failure[1]):
+            self.let_go([shard])
+            raise Fenced(f"{type(failure[1]).__name__}: {failure[1]}") from error
+        if failure is None:
+            self.sender.throttle.warn(f"txn{shard}", f"relay {self.relay_id}: the "
+                                      f"transaction of shard {shard} did not commit "
+                                      f"({error}); sent again")
             return False
+        self.sender.account(conn, failure[0], failure[1], isolated)
+        return False
 
 
 def _until_backing_off(rows: list[Row]) -> list[Row]:
