@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,10 @@ import psycopg
 
 from outbox import _unsafe
 from outbox._faults import crash_point
+from outbox.backoff import first_line
+from outbox.cursors import Cursors
+from outbox.errors import ConfigError
+from outbox.producer_slot import ProducerUnavailable
 from outbox.progress import ProgressLog
 from outbox.publisher import Delivery
 from outbox.sending import Sender, Settled
@@ -66,7 +71,7 @@ class TxnSender:
     """Sends each owned shard's events in Kafka transactions; see the module docstring."""
 
     def __init__(self, sender: Sender, make_producer: Callable[[str], TxnProducer],
-                 progress: ProgressLog, namespace: str) -> None:
+                 progress: ProgressLog, namespace: str, cursors: Cursors) -> None:
         self.sender = sender  # its failure accounting and suspects are shared
         self.relay_id = sender.relay_id
         self.config = sender.config
@@ -74,6 +79,7 @@ class TxnSender:
         self.make_producer = make_producer
         self.progress = progress
         self.namespace = namespace
+        self.cursors = cursors
         self.producers: dict[int, TxnProducer] = {}
         self.suspects = sender.suspects
         # flush, then commit, each at most this long: with a heartbeat before each shard,
@@ -158,7 +164,29 @@ class TxnSender:
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    # -- a cycle ---------------------------------------------------------------------
+    # -- a round ---------------------------------------------------------------------
+
+    def round(self, conn: psycopg.Connection[Any], owned: set[int], num_shards: int) -> Settled:
+        """The relay's round in this mode: producers for newly owned shards (fencing
+        their previous owners), a claim over the shards that have one, the cycle."""
+        self.let_go(sorted(set(self.producers) - owned))
+        try:
+            self.take(conn, sorted(owned - set(self.producers)), num_shards)
+        except (ConfigError, psycopg.Error, Fenced):
+            raise
+        except Exception as exc:  # Kafka cannot be used now (made again next round)
+            raise ProducerUnavailable(first_line(exc)) from exc
+        shards = sorted(owned & set(self.producers))
+        per_shard = max(1, self.config.batch_size // max(1, len(shards)))
+        claim = self.cursors.claim(conn, shards, per_shard)
+        if not claim.rows and not self.suspects:
+            self.sender.metrics.backlog_empty()
+            return Settled()
+        started = time.monotonic()
+        settled = self.cycle(conn, claim.rows)
+        self.cursors.acked(settled.heads)
+        self.sender.metrics.batch(time.monotonic() - started, settled.acked)
+        return settled
 
     def cycle(self, conn: psycopg.Connection[Any], rows: list[Row]) -> Settled:
         """One transaction per shard in `rows` (claimed, in order per shard), then the

@@ -15,15 +15,15 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
 from outbox import _unsafe
-from outbox._faults import crash_point
+from outbox.at_least_once import AtLeastOnce
 from outbox.backoff import first_line
+from outbox.cursors import Cursors
 from outbox.dburl import mask
 from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError
@@ -36,9 +36,9 @@ from outbox.publisher import Publisher
 from outbox.relay_config import RelayConfig
 from outbox.relay_session import open_session
 from outbox.schema import make_tables
-from outbox.sending import Sender, Sent, Settled
+from outbox.sending import Sender
 from outbox.service import Outage, ServiceLoop
-from outbox.store import Claim, Store
+from outbox.store import Store
 from outbox.txn import Fenced, TxnProducer
 
 log = logging.getLogger("outbox.relay")
@@ -72,6 +72,8 @@ class Relay:
         self._next_purge = 0.0
         self.sender = Sender(self.relay_id, config, self.store, self.metrics,
                              self.loop.throttle, self._grace_left, lambda: self.loop.stopping)
+        self.cursors = Cursors(self.store)
+        self.default = AtLeastOnce(self.sender, self.producer, self.cursors)
         self.txn: TxnSender | None = None
         if config.exactly_once:
             if transactions is None or progress is None:
@@ -79,11 +81,8 @@ class Relay:
                                   "and a progress log")
             self.txn = TxnSender(self.sender, transactions, progress,
                                  config.txn_namespace or namespace(config.db_url,
-                                                                   config.table_prefix))
-        # Per shard, a position below which every pending event was claimed or invisible
-        # in self._since, the snapshot of the last claim (see Store.claim).
-        self._cursor: dict[int, int] = {}
-        self._since: str | None = None
+                                                                   config.table_prefix),
+                                 self.cursors)
         self.published = 0
 
     # -- control ----------------------------------------------------------------------
@@ -151,15 +150,7 @@ class Relay:
             if wait:
                 self._wait(conn, self.config.poll_interval)
             return 0
-        if self.txn is not None:
-            done = self._txn_cycle(conn, self.txn)
-        elif _unsafe.disabled("shards"):
-            # Fault injection: the naive scale-out, relays sharing the table through
-            # row locks (FOR UPDATE SKIP LOCKED held across the send) instead of shards.
-            with conn.transaction():
-                done = self._cycle(conn, self.producer.get())
-        else:
-            done = self._cycle(conn, self.producer.get())
+        done = self._round(conn)
         if self.config.retention_seconds is not None and time.monotonic() >= self._next_purge:
             self.store.purge_published(conn, self.config.retention_seconds, 1000)
             self._next_purge = time.monotonic() + 5.0
@@ -167,117 +158,19 @@ class Relay:
             self._idle(conn)
         return done
 
-    def _cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
-        """Claim and send a batch; while Kafka works on it, claim and send the next events
-        of the shards that have more (when that is safe: Store.claim_next); then settle
-        both, in order."""
-        naive = _unsafe.disabled("shards")
-        self.sender.suspects &= self._owned
-        if self.sender.suspects and not naive:
-            return self._isolated_cycle(conn, publisher)
-        shards = sorted(self._owned)
-        per_shard = max(1, self.config.batch_size // len(shards))
-        if naive:
-            claim = Claim(self.store.claim_skip_locked(conn, min(per_shard, 100)), None, False)
+    def _round(self, conn: psycopg.Connection[Any]) -> int:
+        """One round of the relay's mode over its shards; returns the events sent."""
+        if self.txn is not None:
+            settled = self.txn.round(conn, self._owned, self.num_shards)
+        elif _unsafe.disabled("shards"):
+            # Fault injection: the naive scale-out, relays sharing the table through
+            # row locks (FOR UPDATE SKIP LOCKED held across the send) instead of shards.
+            with conn.transaction():
+                settled = self.default.round(conn, self._owned)
         else:
-            claim = self.store.claim(conn, shards, per_shard,
-                                     [self._cursor.get(s, 0) for s in shards], self._since)
-            self._advance_since(claim)
-        if not claim.rows:
-            self.metrics.backlog_empty()
-            return 0
-        started = time.monotonic()
-        first = self.sender.send(conn, publisher, claim.rows)
-        if not first:
-            return 0
-        crash_point("relay.after_send")
-        second: Sent = []
-        if not naive:
-            last: dict[int, int] = {}
-            counts: Counter[int] = Counter()
-            for row, _ in first:
-                last[row.shard] = row.position
-                counts[row.shard] += 1
-            # Only shards whose whole claim was sent may hold more worth sending now.
-            more = [s for s, n in counts.items() if n == per_shard]
-            if more and claim.snapshot is not None:
-                pipelined = self.store.claim_next(conn, more, per_shard,
-                                                  [last[s] for s in more], claim.snapshot)
-                if pipelined.from_cursor:
-                    self._since = pipelined.snapshot
-                second = self.sender.send(conn, publisher, pipelined.rows)
-        halted: set[int] = set()
-        published = 0
-        broken = False
-        for batch in (first, second):
-            if not batch:
-                continue
-            settled = self._settle(conn, publisher, batch, set(), halted)
-            published += settled.acked
-            broken |= settled.broken
-        if broken:  # once the cycle is settled: its deliveries are all accounted for
-            self.producer.replace()
-        self.metrics.batch(time.monotonic() - started, published)
-        log.debug("relay %s: %d + %d events sent, %d acknowledged in %.3fs", self.relay_id,
-                  len(first), len(second), published, time.monotonic() - started)
-        return len(first) + len(second)
-
-    def _txn_cycle(self, conn: psycopg.Connection[Any], txn: TxnSender) -> int:
-        """The exactly-once cycle: producers for newly owned shards (fencing their
-        previous owners), a claim, one transaction per shard (outbox.exactly_once)."""
-        txn.let_go(sorted(set(txn.producers) - self._owned))
-        try:
-            txn.take(conn, sorted(self._owned - set(txn.producers)), self.num_shards)
-        except (ConfigError, psycopg.Error, Fenced):
-            raise
-        except Exception as exc:  # Kafka cannot be used now (made again next round)
-            raise ProducerUnavailable(first_line(exc)) from exc
-        shards = sorted(self._owned & set(txn.producers))
-        per_shard = max(1, self.config.batch_size // max(1, len(shards)))
-        claim = self.store.claim(conn, shards, per_shard,
-                                 [self._cursor.get(s, 0) for s in shards], self._since)
-        self._advance_since(claim)
-        if not claim.rows and not txn.suspects:
-            self.metrics.backlog_empty()
-            return 0
-        started = time.monotonic()
-        settled = txn.cycle(conn, claim.rows)
-        self._cursor.update(settled.heads)
+            settled = self.default.round(conn, self._owned)
         self.published += settled.acked
-        self.metrics.batch(time.monotonic() - started, settled.acked)
         return settled.sent
-
-    def _advance_since(self, claim: Claim) -> None:
-        """After a claim (from the cursors or, unsafe, from the start): each shard it
-        returned events of has nothing pending below its first one; the cursors stay
-        valid against the claim's newer snapshot (docs/design.md, "Cursors")."""
-        heads: dict[int, int] = {}
-        for row in claim.rows:
-            heads.setdefault(row.shard, row.position)
-        for shard, head in heads.items():
-            self._cursor[shard] = head - 1
-        self._since = claim.snapshot
-
-    def _isolated_cycle(self, conn: psycopg.Connection[Any], publisher: Publisher) -> int:
-        """Send the head of one suspect shard entirely alone (Sender.suspects); the other
-        shards wait the few milliseconds each suspect takes."""
-        shard = min(self.sender.suspects)
-        self.sender.suspects.discard(shard)
-        batch = self.sender.send_alone(conn, publisher, shard)
-        if batch and self._settle(conn, publisher, batch, {shard}, set()).broken:
-            self.producer.replace()
-        return len(batch)
-
-    def _settle(self, conn: psycopg.Connection[Any], publisher: Publisher, batch: Sent,
-                isolated: set[int], halted: set[int]) -> Settled:
-        """Await a sent batch and settle it (outbox.sending); the acknowledged prefix of
-        each shard becomes its cursor."""
-        if not self.sender.wait(conn, publisher, batch):
-            self.producer.replace()
-        settled = self.sender.settle(conn, batch, isolated, halted)
-        self._cursor.update(settled.heads)
-        self.published += settled.acked
-        return settled
 
     # -- shards -----------------------------------------------------------------------
 
@@ -289,8 +182,7 @@ class Relay:
             return
         released, gained, live = take_fair_share(self.store, conn, self._owned,
                                                  self.num_shards)
-        for shard in released:
-            self._cursor.pop(shard, None)
+        self.cursors.forget(released)
         if self.txn is not None and released:
             self.txn.let_go(released)
         if released or gained:
@@ -334,8 +226,7 @@ class Relay:
         if self.txn is not None:
             self.txn.let_go()  # owned again later, each shard fenced and checked anew
         self._owned = set()
-        self._cursor.clear()
-        self._since = None
+        self.cursors.forget()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()

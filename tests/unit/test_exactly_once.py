@@ -10,6 +10,7 @@ import pytest
 
 from outbox import _unsafe
 from outbox.backoff import Throttled
+from outbox.cursors import Cursors
 from outbox.exactly_once import TxnSender, namespace, transactional_id
 from outbox.metrics import RelayMetrics
 from outbox.progress import InMemoryProgressLog, progress_topic
@@ -85,7 +86,8 @@ def make(store: FakeStore, broker: InMemoryTxnBroker, name: str = "r1",
     config = RelayConfig(db_url="postgresql://x/db", relay_id=name, max_attempts=max_attempts)
     sender = Sender(name, config, store, RelayMetrics(None),  # type: ignore[arg-type]
                     Throttled(logging.getLogger("test")), lambda: 3600.0, lambda: False)
-    return TxnSender(sender, broker.producer, InMemoryProgressLog(broker), "db.outbox")
+    return TxnSender(sender, broker.producer, InMemoryProgressLog(broker), "db.outbox",
+                     Cursors(store))  # type: ignore[arg-type]
 
 
 def cycle(txn: TxnSender, store: FakeStore, shards: list[int]) -> int:

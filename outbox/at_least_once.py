@@ -1,0 +1,109 @@
+"""The default relay round (at least once): claim a batch over the owned shards, send
+it, and while Kafka works on it claim and send the next events of the shards that have
+more (when that is safe: Store.claim_next); then settle both, in order (outbox.sending).
+A shard with a suspect head has that head sent alone first (Sender.suspects).
+
+The relay (outbox.relay) owns the loop, the session and the shards; this is what one
+round does with them. The exactly-once round is outbox.exactly_once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+from outbox import _unsafe
+from outbox._faults import crash_point
+from outbox.cursors import Cursors
+from outbox.producer_slot import ProducerSlot
+from outbox.publisher import Publisher
+from outbox.sending import Sender, Sent, Settled
+from outbox.store import Claim
+
+log = logging.getLogger("outbox.relay")
+
+
+class AtLeastOnce:
+    def __init__(self, sender: Sender, producer: ProducerSlot, cursors: Cursors) -> None:
+        self.sender = sender
+        self.producer = producer
+        self.cursors = cursors
+        self.metrics = sender.metrics
+
+    def round(self, conn: psycopg.Connection[Any], owned: set[int]) -> Settled:
+        """One round over the `owned` shards; `sent` is 0 when there was nothing to send."""
+        publisher = self.producer.get()
+        naive = _unsafe.disabled("shards")
+        self.sender.suspects &= owned
+        if self.sender.suspects and not naive:
+            return self._isolated(conn, publisher)
+        shards = sorted(owned)
+        per_shard = max(1, self.sender.config.batch_size // len(shards))
+        if naive:  # fault injection: no ownership, row locks instead (see Relay.step)
+            store = self.sender.store
+            claim = Claim(store.claim_skip_locked(conn, min(per_shard, 100)), None, False)
+        else:
+            claim = self.cursors.claim(conn, shards, per_shard)
+        if not claim.rows:
+            self.metrics.backlog_empty()
+            return Settled()
+        started = time.monotonic()
+        first = self.sender.send(conn, publisher, claim.rows)
+        if not first:
+            return Settled()
+        crash_point("relay.after_send")
+        second: Sent = []
+        if not naive and claim.snapshot is not None:
+            last: dict[int, int] = {}
+            counts: Counter[int] = Counter()
+            for row, _ in first:
+                last[row.shard] = row.position
+                counts[row.shard] += 1
+            # Only shards whose whole claim was sent may hold more worth sending now.
+            more = [s for s, n in counts.items() if n == per_shard]
+            if more:
+                pipelined = self.cursors.claim_next(conn, more, per_shard, last,
+                                                    claim.snapshot)
+                second = self.sender.send(conn, publisher, pipelined.rows)
+        out = Settled(sent=len(first) + len(second))
+        halted: set[int] = set()
+        for batch in (first, second):
+            if batch:
+                settled = self._settle(conn, publisher, batch, set(), halted)
+                out.acked += settled.acked
+                out.broken |= settled.broken
+        if out.broken:  # once the round is settled: its deliveries are all accounted for
+            self.producer.replace()
+        self.metrics.batch(time.monotonic() - started, out.acked)
+        log.debug("relay %s: %d + %d events sent, %d acknowledged in %.3fs",
+                  self.sender.relay_id, len(first), len(second), out.acked,
+                  time.monotonic() - started)
+        return out
+
+    def _isolated(self, conn: psycopg.Connection[Any], publisher: Publisher) -> Settled:
+        """Send the head of one suspect shard entirely alone (Sender.suspects); the other
+        shards wait the few milliseconds each suspect takes."""
+        shard = min(self.sender.suspects)
+        self.sender.suspects.discard(shard)
+        batch = self.sender.send_alone(conn, publisher, shard)
+        if not batch:
+            return Settled()
+        settled = self._settle(conn, publisher, batch, {shard}, set())
+        if settled.broken:
+            self.producer.replace()
+        settled.sent = len(batch)
+        return settled
+
+    def _settle(self, conn: psycopg.Connection[Any], publisher: Publisher, batch: Sent,
+                isolated: set[int], halted: set[int]) -> Settled:
+        """Await a sent batch and settle it (outbox.sending); the acknowledged prefix of
+        each shard becomes its cursor."""
+        if not self.sender.wait(conn, publisher, batch):
+            self.producer.replace()
+        settled = self.sender.settle(conn, batch, isolated, halted)
+        self.cursors.acked(settled.heads)
+        return settled

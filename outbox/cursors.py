@@ -1,0 +1,59 @@
+"""Where each owned shard's next claim starts (docs/design.md, "Cursors").
+
+Per shard, a position below which every pending event was claimed or invisible in
+`since`, the snapshot of the last claim. A claim starts past the cursors only when no
+transaction in progress at `since` has ended since (Store.claim checks it in the same
+statement); otherwise it starts from each shard's beginning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from outbox.store import Claim, Store
+
+
+class Cursors:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.at: dict[int, int] = {}
+        self.since: str | None = None
+
+    def claim(self, conn: psycopg.Connection[Any], shards: list[int],
+              per_shard: int) -> Claim:
+        """Claim up to `per_shard` events of each shard, from the cursors when safe. Each
+        shard the claim returned events of has nothing pending below its first one, so
+        its cursor moves there; the cursors stay valid against the claim's snapshot."""
+        claim = self.store.claim(conn, shards, per_shard,
+                                 [self.at.get(s, 0) for s in shards], self.since)
+        heads: dict[int, int] = {}
+        for row in claim.rows:
+            heads.setdefault(row.shard, row.position)
+        for shard, head in heads.items():
+            self.at[shard] = head - 1
+        self.since = claim.snapshot
+        return claim
+
+    def claim_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
+                   last: dict[int, int], snapshot: str) -> Claim:
+        """The pipelined claim past the events just sent (`last` per shard), checked
+        against the first claim's `snapshot` (Store.claim_next)."""
+        claim = self.store.claim_next(conn, shards, per_shard, [last[s] for s in shards],
+                                      snapshot)
+        if claim.from_cursor:
+            self.since = claim.snapshot
+        return claim
+
+    def acked(self, heads: dict[int, int]) -> None:
+        """Each shard's acknowledged prefix now ends at `heads[shard]`."""
+        self.at.update(heads)
+
+    def forget(self, shards: list[int] | None = None) -> None:
+        """Shards let go (all, with the session: the snapshot goes too)."""
+        if shards is None:
+            self.at.clear()
+            self.since = None
+        for shard in shards or []:
+            self.at.pop(shard, None)
