@@ -333,7 +333,8 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         engine.dispose()
         found = check(direct_url, kafka, topic, committed, report.timeline, started_wall,
                       read_committed=exactly_once)
-        if found.lost or found.phantom or found.order_violations:
+        if found.lost or found.phantom or found.order_violations or (
+                exactly_once and found.duplicates):
             log(f"  topic {topic} and database {db} kept as evidence")
         else:
             try:  # every topic left behind makes each later broker restart slower
