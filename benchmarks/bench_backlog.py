@@ -13,20 +13,16 @@ Backlogs are filled with COPY, on top of whatever the previous cycle left behind
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
-import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
-from benchmarks.common import Result, database, fill, relay_for, sized, topics
+from benchmarks.common import Result, close, database, drain, fill, relay_for, sized, topics
 from outbox.dburl import libpq_url
-from outbox.relay import Relay
 
 SMALL = sized(20_000)
 LARGE = sized(1_000_000)
@@ -92,66 +88,37 @@ def _describe(s: dict[str, Any]) -> str:
 
 
 def small_rate(db_url: str, kafka: str, topic: str) -> tuple[float, list[float]]:
-    """The drain rate at SMALL pending, measured as the large one is (see `cycles`)."""
     rates = []
     for _ in range(REPEATS):
-        with database(db_url) as url, running(relay_for(url, kafka, CLIENT, topic)) as relay:
-            fill(url, topic, SMALL)
-            rates.append(published(relay, SMALL))
+        with database(db_url) as url:
+            relay = relay_for(url, kafka, CLIENT, topic)
+            try:
+                fill(url, topic, SMALL)
+                rates.append(drain(relay, SMALL))
+            finally:
+                close(relay)
     return statistics.median(rates), rates
 
 
-@contextlib.contextmanager
-def running(relay: Relay) -> Iterator[Relay]:
-    """The relay's own loop (Relay.run) in a thread, stopped at the end."""
-    loop = threading.Thread(target=relay.run, name="bench-relay", daemon=True)
-    loop.start()
-    try:
-        yield relay
-    finally:
-        relay.stop()
-        loop.join(60)
-
-
 def cycles(db_url: str, kafka: str, topic: str, n: int) -> list[tuple[float, dict[str, Any]]]:
-    """n fill-and-drain cycles of LARGE events on one table: (drain rate, storage) each.
-
-    The relay runs as deployed, its loop in a thread for all the cycles, idle (polling,
-    waiting for NOTIFY) between drains. That matters for storage: VACUUM can hand the
-    B-tree pages it deletes to the free space map in the same run only once another
-    transaction has taken a transaction id since; an idle relay's poll does (it marks
-    its shards waiting), as a live service's writers do. On a database with no
-    transaction at all, those pages are reused only after the next VACUUM.
-    """
+    """n fill-and-drain cycles of LARGE events on one table: (drain rate, storage) each."""
     out = []
     with database(db_url) as url:
         print(f"   autovacuum: {_settings(url)}", flush=True)
-        with running(relay_for(url, kafka, CLIENT, topic)) as relay:
+        # One relay for every cycle, idle between drains (a fill, the storage wait):
+        # a lease long enough that its session outlives that (idle_session_timeout).
+        relay = relay_for(url, kafka, CLIENT, topic, lease_seconds=120.0)
+        try:
             for cycle in range(1, n + 1):
                 filled = fill(url, topic, LARGE, start=(cycle - 1) * LARGE)
-                rate = published(relay, LARGE)
+                rate = drain(relay, LARGE)
                 storage = _storage(url, datetime.now(UTC))
                 print(f"   cycle {cycle}: filled in {filled:.0f}s, drained at {rate:,.0f}/s; "
                       f"{_describe(storage)}", flush=True)
                 out.append((rate, storage))
+        finally:
+            close(relay)
     return out
-
-
-def published(relay: Relay, n: int, timeout: float = 900.0) -> float:
-    """Wait until the running relay has published n more events; returns events/s."""
-    goal = relay.published + n
-    started = moved = time.monotonic()
-    last = relay.published
-    while relay.published < goal:
-        time.sleep(0.01)
-        now = time.monotonic()
-        if relay.published != last:
-            last, moved = relay.published, now
-        elif now - moved > 10.0 or now - started > timeout:
-            raise RuntimeError(f"the relay published {relay.published - goal + n:,} of "
-                               f"{n:,} events in {now - started:.0f}s, the last "
-                               f"{now - moved:.0f}s with nothing sent")
-    return n / (time.monotonic() - started)
 
 
 def run(db_url: str, kafka: str) -> list[Result]:
