@@ -135,6 +135,21 @@ class KafkaSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def kafka_python_options(settings: KafkaSettings) -> dict[str, Any]:
+    """kafka-python producer options from the relay's settings, idempotence and acks=all
+    included (for the relay's producer and the exactly-once one)."""
+    return {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "enable_idempotence": True, "acks": "all",
+        "linger_ms": settings.linger_ms, "batch_size": settings.batch_size,
+        "compression_type": settings.compression_type,
+        "max_request_size": settings.max_request_size,
+        "request_timeout_ms": settings.request_timeout_ms,
+        "delivery_timeout_ms": settings.delivery_timeout_ms,
+        "max_block_ms": settings.max_block_ms,
+    }
+
+
 class KafkaPublisher:
     """kafka-python's producer with `enable_idempotence=True` and `acks="all"`, set explicitly.
 
@@ -172,21 +187,9 @@ class KafkaPublisher:
         from kafka import KafkaProducer
 
         settings = self.settings
-        producer = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
-            client_id=settings.client_id,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=settings.linger_ms,
-            batch_size=settings.batch_size,
-            compression_type=settings.compression_type,
-            max_request_size=settings.max_request_size,
-            request_timeout_ms=settings.request_timeout_ms,
-            delivery_timeout_ms=settings.delivery_timeout_ms,
-            max_in_flight_requests_per_connection=5,
-            max_block_ms=settings.max_block_ms,
-            **settings.extra,
-        )
+        producer = KafkaProducer(client_id=settings.client_id,
+                                 max_in_flight_requests_per_connection=5,
+                                 **kafka_python_options(settings), **settings.extra)
         if not producer.config.get("enable_idempotence"):
             producer.close(timeout=1)
             raise RuntimeError("kafka-python disabled idempotence; check the producer options")

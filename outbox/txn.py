@@ -25,7 +25,13 @@ from kafka.errors import KafkaError
 
 from outbox.errors import ConfigError
 from outbox.event import KafkaHeaders
-from outbox.publisher import Delivery, FailedDelivery, KafkaSettings, Record
+from outbox.publisher import (
+    Delivery,
+    FailedDelivery,
+    KafkaSettings,
+    Record,
+    kafka_python_options,
+)
 
 
 class Fenced(Exception):
@@ -105,17 +111,10 @@ class KafkaTxnProducer:
                  if k not in ("enable_idempotence", "acks", "transactional_id")}
         self.transactional_id = transactional_id
         self._producer = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
             client_id=f"{settings.client_id}-{transactional_id}"[:200],
             transactional_id=transactional_id,
             transaction_timeout_ms=transaction_timeout_ms,
-            enable_idempotence=True, acks="all",
-            linger_ms=settings.linger_ms, batch_size=settings.batch_size,
-            compression_type=settings.compression_type,
-            max_request_size=settings.max_request_size,
-            request_timeout_ms=settings.request_timeout_ms,
-            delivery_timeout_ms=settings.delivery_timeout_ms,
-            max_block_ms=settings.max_block_ms, **extra)
+            **kafka_python_options(settings), **extra)
         try:
             self._producer.init_transactions()  # bounded by max_block_ms
         except KafkaError as exc:
