@@ -62,6 +62,21 @@ def classify(error: Any) -> BaseException:
     return DeliveryFailed(error, _PERMANENT.get(code))
 
 
+def _kafka_exception(raised: BaseException) -> Any:
+    """The KafkaException behind `raised`. A transactional producer that is fenced or
+    failed during `flush()` sets a KafkaException and then still runs delivery reports;
+    the first C call of the report's Python callback fails with a SystemError whose
+    cause is that KafkaException (seen with confluent-kafka 2.16.1, fenced while adding
+    partitions to the transaction). Anything else is re-raised: a bug, not Kafka's
+    answer."""
+    seen: BaseException | None = raised
+    while seen is not None:
+        if isinstance(seen, KafkaException) and seen.args:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    raise raised
+
+
 class _Delivery:
     """Filled in by librdkafka's delivery report; the object is the callback itself, so
     a send allocates one small object and no closure."""
@@ -202,7 +217,8 @@ class ConfluentTxnProducer:
 
         try:
             fn(*args)
-        except KafkaException as exc:
+        except (KafkaException, SystemError) as raised:
+            exc = _kafka_exception(raised)
             error = exc.args[0]
             if error.code() in (KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
                                 KafkaError.CLUSTER_AUTHORIZATION_FAILED):
@@ -233,7 +249,7 @@ class ConfluentTxnProducer:
         return delivery
 
     def flush(self, timeout: float) -> None:
-        self._producer.flush(timeout)
+        self._call(self._producer.flush, timeout)
 
     def commit(self, timeout: float) -> None:
         self._call(self._producer.commit_transaction, timeout)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -30,6 +31,8 @@ from typing import Any, Protocol
 from outbox.errors import ConfigError
 from outbox.publisher import Delivery, KafkaSettings
 from outbox.txn import InMemoryTxnBroker, TxnFailed, TxnProducer
+
+log = logging.getLogger("outbox.relay")
 
 
 def progress_topic(namespace: str) -> str:
@@ -76,7 +79,7 @@ class KafkaProgressLog:
         self.topic = topic
         self.num_shards = 0
         self.timeout = timeout
-        self._consumer: Any = None
+        self._consumers: dict[bool, Any] = {}  # read_committed or not: a consumer
 
     def prepare(self, num_shards: int) -> None:
         """Create the compacted topic with one partition per shard, or check the one
@@ -126,8 +129,8 @@ class KafkaProgressLog:
         consumer = self._open()
         tp = TopicPartition(self.topic, shard)
         consumer.assign([tp])
-        end = consumer.end_offsets([tp])[tp]  # read_committed: the last stable offset
         deadline = time.monotonic() + self.timeout
+        end = self._stable_end(tp, keepalive, deadline)
         window = 16
         while True:
             start = max(0, end - window)
@@ -147,21 +150,57 @@ class KafkaProgressLog:
                 return []
             window *= 8  # aborted records and transaction markers in the window
 
-    def _open(self) -> Any:
-        if self._consumer is None:
+    def _stable_end(self, tp: Any, keepalive: Callable[[], object], deadline: float) -> int:
+        """The partition's last stable offset, once no transaction is open on it.
+
+        Called right after the shard's transactional id was initialized, which ends
+        whatever transaction that id had open, so nothing should be. An open one
+        anyway belongs to no producer the coordinator knows of (a "hanging"
+        transaction, or another id writing here): reading up to its first offset would
+        miss its record, and if it is ever committed (a later commit marker of the same
+        producer id can do that) its events would be sent twice. So wait for it to end,
+        and fail the take (retried with backoff) if it does not."""
+        stable, high = self._ends(tp)
+        if stable >= high:
+            return stable
+        log.warning("%s[%d]: a transaction is open from offset %d to %d right after the "
+                    "shard's transactional id was initialized; waiting for it to end",
+                    self.topic, tp.partition, stable, high)
+        while time.monotonic() < deadline:
+            keepalive()
+            time.sleep(0.5)
+            stable, high = self._ends(tp)
+            if stable >= high:
+                return stable
+        raise TxnFailed(
+            f"{self.topic}[{tp.partition}] has a transaction open from offset {stable} that "
+            "no producer of this shard owns (a hanging transaction, or another "
+            "transactional id writing there); it also holds back read_committed consumers. "
+            "Find and abort it with kafka-transactions.sh find-hanging / abort")
+
+    def _ends(self, tp: Any) -> tuple[int, int]:
+        """(last stable offset, high watermark): equal when no transaction is open."""
+        stable = self._open().end_offsets([tp])[tp]
+        high = self._open(committed=False).end_offsets([tp])[tp]
+        return int(stable), int(high)
+
+    def _open(self, committed: bool = True) -> Any:
+        consumer = self._consumers.get(committed)
+        if consumer is None:
             from kafka import KafkaConsumer
 
-            self._consumer = KafkaConsumer(
+            consumer = self._consumers[committed] = KafkaConsumer(
                 bootstrap_servers=self.settings.bootstrap_servers.split(","),
                 client_id=f"{self.settings.client_id}-progress", group_id=None,
-                enable_auto_commit=False, isolation_level="read_committed",
+                enable_auto_commit=False,
+                isolation_level="read_committed" if committed else "read_uncommitted",
                 **_security(self.settings.extra))
-        return self._consumer
+        return consumer
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        for consumer in self._consumers.values():
+            consumer.close()
+        self._consumers.clear()
 
 
 def _security(extra: dict[str, Any]) -> dict[str, Any]:
