@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from outbox import _unsafe
+from outbox import _unsafe, tracing
 from outbox._faults import crash_point
 from outbox.cursors import Cursors
 from outbox.producer_slot import ProducerSlot
@@ -51,6 +51,12 @@ class AtLeastOnce:
         if not claim.rows:
             self.metrics.backlog_empty()
             return Settled()
+        with tracing.send_span(claim.rows, self.sender.relay_id):
+            return self._publish(conn, publisher, claim, per_shard, naive)
+
+    def _publish(self, conn: psycopg.Connection[Any], publisher: Publisher, claim: Claim,
+                 per_shard: int, naive: bool) -> Settled:
+        """Send the claim (and, pipelined, the next one of shards it filled), settle."""
         started = time.monotonic()
         first = self.sender.send(conn, publisher, claim.rows)
         if not first:

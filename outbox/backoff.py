@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from typing import Any
 
 
 def jitter(seconds: float) -> float:
@@ -33,17 +34,19 @@ def first_line(exc: BaseException) -> str:
 class Throttled:
     """Log a failure once, then at most once per interval while it lasts."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 10.0,
+                 fields: dict[str, Any] | None = None) -> None:
         self.log = logger
         self.interval = interval
+        self.fields = fields or {}  # on every line (outbox.logs): whose lines these are
         self._last: dict[str, float] = {}
 
-    def warn(self, what: str, msg: str) -> None:
+    def warn(self, what: str, msg: str, **fields: Any) -> None:
         now = time.monotonic()
         if now - self._last.get(what, -1e9) >= self.interval:
             self._last[what] = now
-            self.log.warning(msg)
+            self.log.warning(msg, extra={**self.fields, **fields})
 
     def recovered(self, what: str, msg: str) -> None:
         if self._last.pop(what, None) is not None:
-            self.log.info(msg)
+            self.log.info(msg, extra=self.fields)

@@ -15,6 +15,7 @@ import click
 
 from outbox.dburl import mask
 from outbox.errors import ConfigError
+from outbox.logs import FORMATS, configure
 from outbox.schema import DEFAULT_PREFIX
 
 log = logging.getLogger("outbox.cli")
@@ -107,11 +108,13 @@ class _Main(click.Group):
 @click.group(cls=_Main)
 @click.option("--log-level", envvar="OUTBOX_LOG_LEVEL", default="INFO", show_envvar=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(log_level: str) -> None:
+@click.option("--log-format", envvar="OUTBOX_LOG_FORMAT", default="text", show_envvar=True,
+              type=click.Choice(list(FORMATS), case_sensitive=False),
+              help="json: one JSON object per line, with the event id, shard, partition, "
+                   "attempt and relay or consumer id as fields.")
+def main(log_level: str, log_format: str) -> None:
     """transactional-outbox: relay outbox events to Kafka, consume them once."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure(log_level, log_format.lower())
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:

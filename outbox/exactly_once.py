@@ -38,7 +38,7 @@ from typing import Any
 
 import psycopg
 
-from outbox import _unsafe
+from outbox import _unsafe, tracing
 from outbox._faults import crash_point
 from outbox.backoff import first_line
 from outbox.cursors import Cursors
@@ -138,7 +138,8 @@ class TxnSender:
                 conn, done, keep=self.config.retention_seconds is not None)
             if gone:
                 log.info("relay %s: shard %d: %d events were already committed to Kafka; "
-                         "removed, not sent again", self.relay_id, shard, gone)
+                         "removed, not sent again", self.relay_id, shard, gone,
+                         extra={**self.sender.throttle.fields, "shard": shard})
 
     def let_go(self, shards: list[int] | None = None) -> None:
         """The relay no longer owns `shards` (all when None): close their producers."""
@@ -183,7 +184,8 @@ class TxnSender:
             self.sender.metrics.backlog_empty()
             return Settled()
         started = time.monotonic()
-        settled = self.cycle(conn, claim.rows)
+        with tracing.send_span(claim.rows, self.relay_id):
+            settled = self.cycle(conn, claim.rows)
         self.cursors.acked(settled.heads)
         self.sender.metrics.batch(time.monotonic() - started, settled.acked)
         return settled

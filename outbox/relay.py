@@ -28,6 +28,7 @@ from outbox.dburl import mask
 from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError
 from outbox.exactly_once import TxnSender, namespace
+from outbox.logs import fields
 from outbox.metrics import RelayMetrics
 from outbox.ownership import ranges, take_fair_share
 from outbox.producer_slot import ProducerSlot, ProducerUnavailable
@@ -64,7 +65,8 @@ class Relay:
         self._owned: set[int] = set()
         self.num_shards = 0  # read from the database on connecting
         self.loop = ServiceLoop(f"relay {self.relay_id}", log,
-                                backoff_base=config.retry_base, backoff_max=5.0)
+                                backoff_base=config.retry_base, backoff_max=5.0,
+                                fields=fields(relay_id=self.relay_id))
         self.loop.on_stop(self._stopping)
         self._stop_by: float | None = None  # when stop() was called, plus the grace
         self._wake = threading.Event()
@@ -113,13 +115,14 @@ class Relay:
     # -- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
-        log.info("relay %s starting on %s", self.relay_id, mask(self.config.db_url))
+        log.info("relay %s starting on %s", self.relay_id, mask(self.config.db_url),
+                 extra=self.loop.fields)
         try:
             self.loop.run(self._service_step)
         finally:
             self._close()
             log.info("relay %s stopped after publishing %d events", self.relay_id,
-                     self.published)
+                     self.published, extra=self.loop.fields)
 
     def _service_step(self) -> None:
         """`step`, with an outage turned into `Outage` for the service loop's backoff."""
@@ -189,7 +192,8 @@ class Relay:
             if gained:
                 self.store.set_owner(conn, gained, self.relay_id)
             log.info("relay %s owns shards %s (%d live relays)", self.relay_id,
-                     ranges(sorted(self._owned)), live)
+                     ranges(sorted(self._owned)), live,
+                     extra={**self.loop.fields, "shards": sorted(self._owned)})
             self.metrics.shards(len(self._owned))
 
     # -- waiting ----------------------------------------------------------------------

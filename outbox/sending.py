@@ -19,6 +19,7 @@ import psycopg
 from outbox import _unsafe
 from outbox._faults import crash_point
 from outbox.backoff import Throttled, exponential, jitter
+from outbox.logs import fields
 from outbox.metrics import RelayMetrics
 from outbox.publisher import Delivery, Publisher, breaks_producer, is_attempt, is_permanent
 from outbox.relay_config import RelayConfig
@@ -173,7 +174,10 @@ class Sender:
             self.metrics.dead_lettered()
             log.error("relay %s: event %s (topic %s, key %r) dead-lettered: %s",
                       self.relay_id, row.event_id, row.topic,
-                      row.key.decode(errors="replace"), text)
+                      row.key.decode(errors="replace"), text,
+                      extra=fields(relay_id=self.relay_id, event_id=row.event_id,
+                                   topic=row.topic, shard=row.shard,
+                                   attempt=row.attempts + 1))
             return  # the next batch goes on after it
         delay = jitter(exponential(self.config.retry_base, row.attempts + 1,
                                    self.config.retry_max))
@@ -181,4 +185,5 @@ class Sender:
         self.metrics.failed()
         self.throttle.warn(f"send{row.shard}", f"relay {self.relay_id}: send of event "
                            f"{row.event_id} failed ({text}); shard {row.shard} retries "
-                           f"in {delay:.1f}s")
+                           f"in {delay:.1f}s", event_id=row.event_id, topic=row.topic,
+                           shard=row.shard, attempt=row.attempts + 1)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from outbox.backoff import Throttled, exponential, jitter
 
@@ -46,13 +47,14 @@ class ServiceLoop:
     """See the module docstring. `name` starts every log line ("relay host:1a2b")."""
 
     def __init__(self, name: str, logger: logging.Logger, *, backoff_base: float = 0.5,
-                 backoff_max: float = 5.0) -> None:
+                 backoff_max: float = 5.0, fields: dict[str, Any] | None = None) -> None:
         self.name = name
         self.log = logger
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.stopped = threading.Event()
-        self.throttle = Throttled(logger)
+        self.fields = fields or {}  # the service's id, on each of its lines (outbox.logs)
+        self.throttle = Throttled(logger, fields=self.fields)
         self.failures = 0  # consecutive outages; 0 after a step that went through
         self._chores: list[_Chore] = []
         self._on_stop: list[Callable[[], None]] = []
@@ -81,7 +83,8 @@ class ServiceLoop:
         """SIGTERM/SIGINT: log "<name>: signal N, <doing()>", call `on_signal`, stop."""
         def handler(signum: int, frame: FrameType | None) -> None:
             on_signal()
-            self.log.info("%s: signal %d, %s", self.name, signum, doing())
+            self.log.info("%s: signal %d, %s", self.name, signum, doing(),
+                          extra=self.fields)
             self.stop()
 
         signal.signal(signal.SIGTERM, handler)

@@ -19,6 +19,7 @@ import time
 
 import sqlalchemy as sa
 
+from outbox import tracing
 from outbox.consumer.memory import (
     BrokerDown,
     BrokerPublisher,
@@ -76,10 +77,13 @@ def _drain_sqlite(db_url: str, publisher: Publisher, timeout: float,
                     .order_by(events.c.shard, events.c.position).limit(1000)).all()
             if not rows:
                 return published
-            sent = [(r, publisher.send(r.topic, r.key.encode(), r.payload, kafka_headers(
+            records = [Record(r.topic, r.key.encode(), r.payload, kafka_headers(
                 event_id=r.event_id, type=r.type, source=r.source, occurred_at=r.occurred_at,
-                content_type=r.content_type, headers=decode_headers(r.headers))))
+                content_type=r.content_type, headers=decode_headers(r.headers)))
                 for r in rows]
+            with tracing.send_span(records, "drain"):
+                sent = [(r, publisher.send(rec.topic, rec.key, rec.value, rec.headers))
+                        for r, rec in zip(rows, records, strict=True)]
             while not all(d.done() for _, d in sent):
                 publisher.flush(timeout=1.0)
                 if time.monotonic() > deadline:

@@ -28,7 +28,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
-from outbox import _unsafe, shardcount
+from outbox import _unsafe, shardcount, tracing
 from outbox.errors import ConfigError, InvalidSession, PayloadNotSerializable, PayloadTooLarge
 from outbox.event import (
     DEFAULT_SOURCE,
@@ -140,7 +140,7 @@ class Outbox:
         validate_topic(topic)
         key_len = key_size(key)
         type_len = type_size(type)
-        user_headers, headers_len = check_headers(headers)
+        user_headers, headers_len = check_headers(tracing.inject(headers))
         data = self.serializer.dumps(payload)
         if not isinstance(data, bytes):
             if not isinstance(data, bytearray | memoryview):

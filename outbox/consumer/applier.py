@@ -28,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction
 
+from outbox import tracing
 from outbox.backoff import first_line
 from outbox.consumer.calls import HandlerCalls, HandlerMisuse
 from outbox.consumer.deadletter import REASON_FAILED, REASON_MALFORMED
@@ -78,23 +79,30 @@ class BatchApplier(Applier):
             return self._run(parts, savepoints=True, failure=exc.failure)
 
     def _run(self, parts: Parts, savepoints: bool, failure: Failure | None = None) -> Outcome:
+        spans = tracing.Spans(self.group)
+        committed = False
         try:
             with self.sessions() as session, session.begin():
-                return _Batch(self, session, savepoints, failure).walk(parts)
+                out = _Batch(self, session, savepoints, failure, spans).walk(parts)
+            committed = True
+            return out
         except (BatchFailed, HandlerMisuse, NeedSavepoints):
             raise
         except sa.exc.SQLAlchemyError as exc:
             if not savepoints and not disconnect(exc):
                 raise NeedSavepoints from exc  # e.g. a flush at commit failed
             raise BatchFailed(first_line(exc)) from exc
+        finally:
+            spans.end(committed)
 
 
 class _Batch:
     """One attempt at a batch, inside its transaction."""
 
     def __init__(self, applier: BatchApplier, session: Session, savepoints: bool,
-                 failure: Failure | None) -> None:
+                 failure: Failure | None, spans: tracing.Spans) -> None:
         self.a = applier
+        self.spans = spans
         self.session = session
         self.conn = session.connection()
         self.savepoints = savepoints
@@ -128,12 +136,14 @@ class _Batch:
                     po.dead.append(DeadLetter(tp, record, REASON_MALFORMED, str(event)))
                     break  # the rest of the partition waits for the copy
                 if claimed is not None and (event.id not in claimed or event.id in seen):
+                    self._span(record, event, "duplicate")
                     out.duplicates += 1  # processed before, or met earlier in this batch
                     po.next_offset = record.offset + 1
                     continue
                 seen.add(event.id)
                 prior = priors.get(event.id)
                 if prior is not None and a.retries.exhausted(prior.attempts):
+                    self._span(record, event, "dead_lettered")
                     po.dead.append(DeadLetter(tp, record, REASON_FAILED,
                                               prior.error or "failed before", event.id))
                     break
@@ -152,14 +162,22 @@ class _Batch:
             a.inbox.forget_attempts(self.conn, a.group, sorted(self.retried))
         return out
 
+    def _span(self, record: Record, event: Event, outcome: str = "applied"
+              ) -> tracing.ProcessSpan:
+        return self.spans.start(record.topic, record.partition, str(event.id),
+                                record.headers, outcome)
+
     def _batch(self, batch: list[tuple[Record, Event]]) -> None:
         events = [e for _, e in batch]
         assert self.root is not None
+        spans = [self._span(record, event) for record, event in batch]
         try:
             self.a.calls.call(self.session, (self.root,), events, batch[0][0], batch=True)
         except HandlerMisuse:
             raise
         except Exception as exc:
+            for span in spans:
+                span.error = exc
             if connection_lost(exc, self.conn):
                 raise BatchFailed(first_line(exc)) from exc
             raise NeedSavepoints from exc  # whose failure it was, the redo finds out
@@ -171,18 +189,21 @@ class _Batch:
         (held for the retry, or waiting for the event's dead-letter copy)."""
         assert self.root is not None
         if not self.savepoints:
+            span = self._span(record, event)
             try:
                 self.a.calls.call(self.session, (self.root,), [event], record)
             except HandlerMisuse:
                 raise
             except Exception as exc:
+                span.error = exc
                 if connection_lost(exc, self.conn):
                     raise BatchFailed(first_line(exc)) from exc
                 raise NeedSavepoints((tp, record.offset, exc)) from exc
             return self._done(event, retried)
         if self.failure is not None and self.failure[:2] == (tp, record.offset):
             # it failed on the fast path a moment ago: that was this attempt
-            return self._failed(tp, record, event, self.failure[2])
+            return self._failed(tp, record, event, self.failure[2], self._span(record, event))
+        span = self._span(record, event)
         begin_for_savepoint(self.session)
         sp = self.session.begin_nested()
         # SQLAlchemy emits the SAVEPOINT lazily, at the session's next statement: make it
@@ -196,7 +217,7 @@ class _Batch:
             raise
         except Exception as exc:
             self._rollback(sp, exc)
-            return self._failed(tp, record, event, exc)
+            return self._failed(tp, record, event, exc, span)
         return self._done(event, retried)
 
     def _done(self, event: Event, retried: bool) -> bool:
@@ -207,10 +228,12 @@ class _Batch:
         return True
 
     def _failed(self, tp: TopicPartition, record: Record, event: Event,
-                exc: Exception) -> bool:
+                exc: Exception, span: tracing.ProcessSpan) -> bool:
         error = f"{type(exc).__name__}: {exc}"
         attempts = self.a.inbox.record_attempt(self.conn, self.a.group, event.id, error)
         self.a.retries.failed(self.out, tp, record, event, error, attempts)
+        span.error = exc
+        span.outcome = "dead_lettered" if self.a.retries.exhausted(attempts) else "retried"
         return False
 
     def _rollback(self, sp: SessionTransaction, exc: BaseException) -> None:

@@ -13,6 +13,7 @@ import uuid
 
 import sqlalchemy as sa
 
+from outbox import tracing
 from outbox.backoff import first_line
 from outbox.consumer.applier import Applier, connection_lost
 from outbox.consumer.calls import HandlerMisuse
@@ -31,6 +32,7 @@ class ExternalApplier(Applier):
         out = Outcome()
         ids = list({e.id for _, recs in parts for _, e in recs if isinstance(e, Event)})
         dedupe = self.dedupe()
+        spans = tracing.Spans(self.group)  # each event's outcome is final when it ends
         try:
             seen: set[uuid.UUID] = set()
             priors: dict[uuid.UUID, Prior] = {}
@@ -49,25 +51,34 @@ class ExternalApplier(Applier):
                         po.dead.append(DeadLetter(tp, record, REASON_MALFORMED, str(event)))
                         break  # the rest of the partition waits for the copy
                     if event.id in seen:
+                        spans.start(tp.topic, tp.partition, str(event.id), record.headers,
+                                    "duplicate")
                         out.duplicates += 1
                         po.next_offset = record.offset + 1
                         continue
                     prior = priors.get(event.id)
                     if prior is not None and self.retries.exhausted(prior.attempts):
+                        spans.start(tp.topic, tp.partition, str(event.id), record.headers,
+                                    "dead_lettered")
                         po.dead.append(DeadLetter(tp, record, REASON_FAILED,
                                                   prior.error or "failed before", event.id))
                         break
-                    if not self._one(tp, record, event, prior, dedupe, seen, out):
+                    span = spans.start(tp.topic, tp.partition, str(event.id),
+                                       record.headers)
+                    if not self._one(tp, record, event, prior, dedupe, seen, out, span):
                         break
                     po.next_offset = record.offset + 1
         except (BatchFailed, HandlerMisuse):
             raise
         except sa.exc.SQLAlchemyError as exc:
             raise BatchFailed(first_line(exc)) from exc
+        finally:
+            spans.end(committed=True)
         return out
 
     def _one(self, tp: TopicPartition, record: Record, event: Event, prior: Prior | None,
-             dedupe: bool, seen: set[uuid.UUID], out: Outcome) -> bool:
+             dedupe: bool, seen: set[uuid.UUID], out: Outcome,
+             span: tracing.ProcessSpan) -> bool:
         with self.sessions() as session:
             conn = session.connection()
             root = session.get_transaction()
@@ -84,6 +95,7 @@ class ExternalApplier(Applier):
                     session.commit()
                 else:
                     session.rollback()  # another consumer finished it first: keep its effects
+                    span.outcome = "duplicate"
             except HandlerMisuse:
                 raise
             except Exception as exc:
@@ -95,6 +107,9 @@ class ExternalApplier(Applier):
                 error = f"{type(exc).__name__}: {exc}"
                 attempts = self._record_attempt(event.id, error)
                 self.retries.failed(out, tp, record, event, error, attempts)
+                span.error = exc
+                span.outcome = "dead_lettered" if self.retries.exhausted(attempts) \
+                    else "retried"
                 return False
         if dedupe:
             seen.add(event.id)

@@ -27,6 +27,7 @@ from outbox.consumer.deadletter import (
 from outbox.consumer.outcome import RETRY_BACKOFF_MAX, DeadLetter, Outcome
 from outbox.consumer.partitions import Hold
 from outbox.consumer.source import CommitFailed, CommitRefused, TopicPartition
+from outbox.logs import fields
 
 if TYPE_CHECKING:
     from outbox.consumer.runner import ConsumerRunner
@@ -39,7 +40,7 @@ class Finisher:
 
     def __init__(self, runner: ConsumerRunner) -> None:
         self.r = runner
-        self.throttle = Throttled(log)
+        self.throttle = Throttled(log, fields=fields(consumer_group=runner.group_id))
 
     def finish(self, out: Outcome, started: float) -> int:
         r = self.r
@@ -108,7 +109,10 @@ class Finisher:
             return Hold(record.offset, time.monotonic() + delay)
         log.error("consumer %s: %s[%d] offset %d dead-lettered to %s (%s%s): %s",
                   r.group_id, record.topic, record.partition, record.offset, topic, dl.reason,
-                  f"; too large, {truncated} truncated" if truncated else "", dl.error)
+                  f"; too large, {truncated} truncated" if truncated else "", dl.error,
+                  extra=fields(consumer_group=r.group_id, topic=record.topic,
+                               partition=record.partition, offset=record.offset,
+                               event_id=str(dl.event_id) if dl.event_id else None))
         return None
 
     def _record(self, sent: list[DeadLetter]) -> list[DeadLetter]:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from outbox.backoff import Throttled, first_line
 from outbox.consumer.source import TopicPartition
+from outbox.logs import fields
 from outbox.service import ServiceLoop
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ log = logging.getLogger("outbox.consumer")
 class Housekeeping:
     def __init__(self, runner: ConsumerRunner) -> None:
         self.r = runner
-        self.throttle = Throttled(log)
+        self.throttle = Throttled(log, fields=fields(consumer_group=runner.group_id))
 
     def schedule(self, loop: ServiceLoop) -> None:
         """Register the chores with the runner's service loop."""

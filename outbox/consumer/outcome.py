@@ -20,6 +20,7 @@ from outbox.consumer.partitions import Hold
 from outbox.consumer.source import Batch, Record, TopicPartition
 from outbox.errors import MalformedRecord
 from outbox.event import Event, from_record
+from outbox.logs import fields
 from outbox.serde import decode
 
 log = logging.getLogger("outbox.consumer")
@@ -80,7 +81,7 @@ class Retries:
         self.group = group
         self.max_attempts = max_attempts
         self.retry_backoff = retry_backoff
-        self.throttle = Throttled(log)
+        self.throttle = Throttled(log, fields=fields(consumer_group=group))
 
     def delay(self, attempts: int) -> float:
         return jitter(exponential(self.retry_backoff, attempts, RETRY_BACKOFF_MAX))
@@ -101,7 +102,9 @@ class Retries:
         self.throttle.warn(
             f"handler {tp}", f"consumer {self.group}: handler failed on event {event.id} "
             f"({record.topic}[{record.partition}] offset {record.offset}), attempt "
-            f"{attempts}/{self.max_attempts}: {error}; the partition retries in {delay:.2f}s")
+            f"{attempts}/{self.max_attempts}: {error}; the partition retries in {delay:.2f}s",
+            event_id=str(event.id), topic=record.topic, partition=record.partition,
+            offset=record.offset, attempt=attempts)
 
 
 def decode_batch(batch: Batch, id_header: str) -> Parts:

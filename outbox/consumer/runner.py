@@ -34,6 +34,7 @@ from outbox.consumer.source import Batch, RecordSource, SourceUnavailable, Topic
 from outbox.consumer.watchdog import Watchdog
 from outbox.diagnose import permanent_reason
 from outbox.errors import ConfigError
+from outbox.logs import fields
 from outbox.metrics import ConsumerMetrics
 from outbox.publisher import Publisher
 from outbox.service import Outage, ServiceLoop
@@ -88,7 +89,8 @@ class ConsumerRunner:
         self.partitions = Partitions()
         self.notes = RebalanceNotes(self.partitions, group,
                                     lambda tp: self.metrics.forget(tp.topic, tp.partition))
-        self.loop = ServiceLoop(f"consumer {group}", log, backoff_base=0.5, backoff_max=5.0)
+        self.loop = ServiceLoop(f"consumer {group}", log, backoff_base=0.5, backoff_max=5.0,
+                                fields=fields(consumer_group=group))
         self.calls = HandlerCalls(consumer, external=consumer.external,
                                   idle_tx_timeout=cfg.idle_tx_timeout,
                                   handler_timeout=cfg.handler_timeout)
@@ -153,7 +155,7 @@ class ConsumerRunner:
         log.info("consumer %s (%s) starting on %s, topics %s, client %s", self.group_id,
                  type(self.consumer).__name__, self.db.where, list(self.consumer.topics),
                  self.config.client if self._given_source is None else
-                 type(self._given_source).__name__)
+                 type(self._given_source).__name__, extra=self.loop.fields)
         self.watchdog.start()
         try:
             self.loop.run(self._step)
@@ -165,7 +167,7 @@ class ConsumerRunner:
             s = self.stats
             log.info("consumer %s stopped: %d processed, %d duplicates skipped, %d failed "
                      "attempts, %d dead-lettered", self.group_id, s.processed, s.duplicates,
-                     s.failed, s.dead_lettered)
+                     s.failed, s.dead_lettered, extra=self.loop.fields)
 
     def run_once(self, timeout: float | None = None) -> int:
         """Poll once and process the batch, then run the chores that are due; returns the
