@@ -13,9 +13,9 @@ the consumer that applied it (the `otel` extra: opentelemetry-api).
   back and the event was applied again under a new span.
 
 Without opentelemetry-api installed nothing is imported and nothing changes: every
-function here is then a no-op. With it installed but no SDK configured, the API's
-no-op tracer makes the spans free, and `publish()` adds headers only when a span is
-recording context (a valid current span).
+function here is then a no-op. With it installed but no SDK's tracer provider set, the
+relay and the consumer make no spans, and `publish()` adds headers only when there is
+a valid current span (some other component traces).
 """
 
 from __future__ import annotations
@@ -42,6 +42,18 @@ def enabled() -> bool:
         except (ImportError, ValueError):  # blocked: sys.modules["opentelemetry"] = None
             _available = False
     return _available
+
+
+def _tracer_set() -> bool:
+    """Whether an SDK's tracer provider is installed: until one is, the API hands out
+    non-recording spans, and the relay's and consumer's spans are skipped (extracting
+    each event's context would cost without showing anywhere)."""
+    if not enabled():
+        return False
+    from opentelemetry import trace
+
+    return not isinstance(trace.get_tracer_provider(),
+                          trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def inject(headers: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -87,7 +99,7 @@ def _extract(headers: Iterable[tuple[str, Any]]) -> Any:
 def send_span(rows: Sequence[Any], relay_id: str) -> Iterator[None]:
     """The relay's span for one batch of rows (each with `.topic` and `.headers`, its
     Kafka headers): kind PRODUCER, linked to each event's context."""
-    if not enabled() or not rows:
+    if not rows or not _tracer_set():
         yield
         return
     from opentelemetry import trace
@@ -149,8 +161,8 @@ class Spans:
     def start(self, topic: str, partition: int, event_id: str,
               headers: Iterable[tuple[str, Any]] | None,
               outcome: str = "applied") -> ProcessSpan:
-        """A child span of the context the event carries (no-op without opentelemetry)."""
-        if not enabled():
+        """A child span of the context the event carries (no-op without a tracer)."""
+        if not _tracer_set():
             return _NO_SPAN
         from opentelemetry import trace
 
