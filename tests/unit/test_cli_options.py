@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from outbox.cli import main
 from outbox.metrics import serve
 
-
 #: Flags that print something and exit: no setting, so no variable.
 INFORMATIONAL = {"help", "version"}
 
