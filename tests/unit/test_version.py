@@ -30,3 +30,20 @@ def test_pyproject_reads_the_version_from_the_package() -> None:
     assert re.search(r'^dynamic = \["version"\]', text, flags=re.M)
     assert 'version = {attr = "outbox.__version__"}' in text
     assert not re.search(r'^version = "', text, flags=re.M)
+
+
+def test_changelog_has_an_entry_for_this_version() -> None:
+    """CHANGELOG.md keeps Keep a Changelog's shape: an Unreleased section first, then
+    releases newest first, each `## [X.Y.Z] - YYYY-MM-DD` with the standard kinds of
+    change; the newest release is the package's version."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    sections = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?$", text, flags=re.M)
+    assert sections[0] == ("Unreleased", "")
+    releases = sections[1:]
+    assert releases and all(date for _, date in releases), releases
+    assert releases[0][0] == outbox.__version__
+    versions = [tuple(int(n) for n in v.split(".")) for v, _ in releases]
+    assert versions == sorted(versions, reverse=True)
+    kinds = set(re.findall(r"^### (.+)$", text, flags=re.M))
+    assert kinds and kinds <= {"Added", "Changed", "Deprecated", "Removed", "Fixed",
+                               "Security"}, kinds
