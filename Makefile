@@ -30,7 +30,7 @@ test-integration: .venv/.installed
 	$(WITH_STACK) $(PY) -m pytest tests/integration -p no:cacheprovider
 
 lint: .venv/.installed
-	.venv/bin/ruff check outbox migrations tests benchmarks examples
+	.venv/bin/ruff check outbox migrations tests benchmarks examples docs/hooks.py
 
 typecheck: .venv/.installed
 	.venv/bin/mypy

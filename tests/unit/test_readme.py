@@ -22,6 +22,7 @@ another fence (```text, ```diff), never ```python.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -403,6 +404,20 @@ def test_least_privilege_grants_are_the_tested_ones() -> None:
     assert documented == tested
 
 
+def test_site_titles_each_block_with_its_file() -> None:
+    """The site's hook turns the (invisible) markers into code block titles."""
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks",
+                                                  ROOT / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    text = ("<!-- file: a.py -->\n```python\nx = 1\n```\n"
+            "<!-- continues -->\n```python\nprint(x)\n```\n```bash\nls\n```\n")
+    assert hooks.titled(text) == ('```python title="a.py"\nx = 1\n```\n'
+                                  '```python title="a.py (continued)"\nprint(x)\n```\n'
+                                  "```bash\nls\n```\n")
+
+
 def test_site_builds_strictly(tmp_path: Path) -> None:
     """`make docs` in a test: mkdocs --strict fails on a broken link or anchor, a page
     left out of the navigation, or a docstring the API reference cannot render."""
@@ -417,5 +432,7 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
         assert (tmp_path / page).exists(), page
     cli_page = (tmp_path / "cli" / "index.html").read_text()
     assert "--exactly-once" in cli_page and "OUTBOX_DATABASE_URL" in cli_page
+    consumers_page = (tmp_path / "consumers" / "index.html").read_text()
+    assert 'class="filename">try_consumers.py<' in consumers_page
     api_page = (tmp_path / "api" / "index.html").read_text()
     assert "outbox.Outbox" in api_page and "InMemoryBroker" in api_page
