@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STACK   := scripts/stack
 WITH_STACK := $(STACK) up >&2 && eval "$$($(STACK) env)" &&
 
-.PHONY: test test-unit test-integration lint typecheck demo bench chaos stack-up stack-down clean
+.PHONY: test test-unit test-integration test-packaging lint typecheck docs demo bench chaos stack-up stack-down clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -11,22 +11,33 @@ WITH_STACK := $(STACK) up >&2 && eval "$$($(STACK) env)" &&
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-## unit + integration tests, on a real PostgreSQL and Kafka (started when needed)
+## unit + integration + packaging tests, on a real PostgreSQL and Kafka (started when
+## needed); the packaging tests install the built wheel from PyPI's dependencies
 test: .venv/.installed
-	$(WITH_STACK) $(PY) -m pytest tests/unit tests/integration tests/chaos -p no:cacheprovider
+	$(WITH_STACK) $(PY) -m pytest tests/unit tests/integration tests/packaging tests/chaos \
+		-p no:cacheprovider
 
 ## unit tests only: no services
 test-unit: .venv/.installed
 	$(PY) -m pytest tests/unit -p no:cacheprovider
 
+## the sdist and the wheel built, checked and installed into clean virtualenvs: no
+## services, but it needs PyPI
+test-packaging: .venv/.installed
+	$(PY) -m pytest tests/packaging -p no:cacheprovider
+
 test-integration: .venv/.installed
 	$(WITH_STACK) $(PY) -m pytest tests/integration -p no:cacheprovider
 
 lint: .venv/.installed
-	.venv/bin/ruff check outbox migrations tests benchmarks examples
+	.venv/bin/ruff check outbox migrations tests benchmarks examples docs/hooks.py
 
 typecheck: .venv/.installed
 	.venv/bin/mypy
+
+## the documentation site, built into site/; --strict: any warning fails it
+docs: .venv/.installed
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
 
 ## benchmarks: every figure beside its ceiling measured in the same run, one table and
 ## reports/ (bench.json, throughput.png, latency.png). BENCH="relay latency" picks some;
@@ -55,4 +66,4 @@ stack-down:
 	$(STACK) down
 
 clean:
-	rm -rf .venv build dist *.egg-info
+	rm -rf .venv build dist site *.egg-info

@@ -1,5 +1,10 @@
 """transactional-outbox: write rows and events in one transaction; relay them to Kafka."""
 
+#: The release, in one place: the wheel's metadata (setuptools reads it from here, see
+#: pyproject.toml) and `outbox --version` both show it. docs/versioning.md says what a
+#: change of each part means.
+__version__ = "0.1.0"
+
 from outbox.consumer import (
     AsyncIdempotentConsumer,
     ConsumerConfig,
@@ -43,6 +48,7 @@ __all__ = [
     "PayloadTooLarge",
     "PublishError",
     "Serializer",
+    "__version__",
     "idempotent_consumer",
     "uuid7",
 ]

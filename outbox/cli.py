@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from outbox import __version__
 from outbox.dburl import mask
 from outbox.errors import ConfigError
 from outbox.logs import FORMATS, configure
@@ -106,6 +107,8 @@ class _Main(click.Group):
 
 
 @click.group(cls=_Main)
+@click.version_option(__version__, "--version", prog_name="outbox",
+                      message="%(prog)s, version %(version)s")
 @click.option("--log-level", envvar="OUTBOX_LOG_LEVEL", default="INFO", show_envvar=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-format", envvar="OUTBOX_LOG_FORMAT", default="text", show_envvar=True,

@@ -24,7 +24,7 @@ _SQLSTATE_REASONS = {
     "28000": "database authentication failed ({msg}): check the user name, password and "
              "the server's pg_hba.conf",
     "3D000": "the database does not exist ({msg}): check the database name in the URL",
-    "42501": "permission denied ({msg}): grant the role what it needs (README, "
+    "42501": "permission denied ({msg}): grant the role what it needs (docs/production.md, "
              "'Least privilege')",
 }
 

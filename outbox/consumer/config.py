@@ -1,8 +1,9 @@
 """The consumer's settings, in one object (as the relay's are in RelayConfig).
 
 `outbox consume` fills it from its flags, each of which also reads an OUTBOX_* variable
-(the table in the README; a unit test checks that every flag has one). In Python,
-`ConsumerRunner(consumer, db_url=..., kafka=...)` takes the same fields as keywords.
+(the table in docs/configuration.md; unit tests check that every flag has one and is
+there). In Python, `ConsumerRunner(consumer, db_url=..., kafka=...)` takes the same
+fields as keywords.
 """
 
 from __future__ import annotations

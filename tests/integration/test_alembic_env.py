@@ -1,4 +1,5 @@
-"""The README's advice for an application with its own Alembic environment works as written.
+"""The advice of docs/upgrades.md for an application with its own Alembic environment
+works as written.
 
 A real `alembic init` project: its env.py calls `outbox.migrate.upgrade(connection)` and
 passes `include_object=outbox.migrate.include_object`, then `alembic upgrade head` and
@@ -51,7 +52,7 @@ def alembic(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def make_project(tmp_path: Path, url: str) -> Path:
-    """`alembic init`, then the README's two edits to the generated env.py."""
+    """`alembic init`, then the two edits to the generated env.py that docs/upgrades.md shows."""
     project = tmp_path / "app"
     project.mkdir()
     init = alembic(project, "init", "migrations")

@@ -1,6 +1,7 @@
 """The relay, the consumer and the writer run under roles that can touch only their tables.
 
-The GRANTs here are the ones the README shows (Operations, "Least privilege").
+The GRANTs here are the ones docs/production.md shows ("Least privilege"); a unit test
+(tests/unit/test_readme.py) keeps the two the same.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ from click.testing import CliRunner
 from outbox.cli import main
 from outbox.metrics import serve
 
+#: Flags that print something and exit: no setting, so no variable.
+INFORMATIONAL = {"help", "version"}
+
 
 def commands(group: click.Command, path: str = "outbox") -> Iterator[tuple[str, click.Command]]:
     yield path, group
@@ -25,7 +28,7 @@ def test_every_option_has_an_outbox_environment_variable() -> None:
     seen = 0
     for path, command in commands(main):
         for param in command.params:
-            if not isinstance(param, click.Option) or param.name == "help":
+            if not isinstance(param, click.Option) or param.name in INFORMATIONAL:
                 continue
             seen += 1
             envvar = param.envvar
@@ -39,7 +42,8 @@ def test_every_option_has_an_outbox_environment_variable() -> None:
 def test_the_environment_variables_are_shown_in_help() -> None:
     for _path, command in commands(main):
         for param in command.params:
-            if isinstance(param, click.Option) and param.name != "help" and param.envvar:
+            if isinstance(param, click.Option) and param.name not in INFORMATIONAL \
+                    and param.envvar:
                 assert param.show_envvar, param.opts
 
 
