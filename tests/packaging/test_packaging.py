@@ -127,7 +127,7 @@ def test_wheel_metadata_carries_the_version_and_extras(dist: Dist) -> None:
         meta = email.message_from_string(whl.read(meta_name).decode())
     assert meta["Name"] == "transactional-outbox"
     assert meta["Version"] == VERSION
-    assert {"confluent", "metrics"} <= set(meta.get_all("Provides-Extra") or [])
+    assert {"confluent", "metrics", "otel"} <= set(meta.get_all("Provides-Extra") or [])
     requires = " ".join(meta.get_all("Requires-Dist") or [])
     assert re.search(r"sqlalchemy\[asyncio\]", requires, flags=re.I), requires
     # every module of the package (a subpackage left out of pyproject's list once made a
@@ -279,10 +279,37 @@ print("metrics served, health", health)
 '''
 
 
+OTEL = '''
+import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from sqlalchemy.orm import sessionmaker
+
+from outbox import Outbox
+from outbox.schema import metadata
+from outbox.testing import InMemoryPublisher, drain
+
+# the API alone (no SDK): a span context someone else started is carried in the headers
+url = "sqlite:///otel.db"
+engine = sa.create_engine(url)
+metadata.create_all(engine)
+context = SpanContext(trace_id=0x1234, span_id=0x56, is_remote=False,
+                      trace_flags=TraceFlags(TraceFlags.SAMPLED))
+with trace.use_span(NonRecordingSpan(context)), sessionmaker(engine).begin() as session:
+    Outbox().publish(session, topic="t", key="k", type="T", payload=1)
+publisher = InMemoryPublisher()
+assert drain(url, publisher) == 1
+headers = dict(publisher.records[0].headers)
+print(headers["traceparent"].decode())
+'''
+
+
 @pytest.mark.parametrize(("extra", "module", "code", "expected"), [
     ("confluent", "confluent_kafka", CONFLUENT,
      "refused: the outbox's producer needs acks=all\n"),
     ("metrics", "prometheus_client", METRICS, "metrics served, health 200\n"),
+    ("otel", "opentelemetry.trace", OTEL,
+     "00-00000000000000000000000000001234-0000000000000056-01\n"),
 ])
 def test_each_extra_installs_and_works(venv: Venv, dist: Dist, extra: str, module: str,
                                        code: str, expected: str) -> None:
