@@ -83,7 +83,7 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
     from outbox.relay import Relay, RelayConfig
 
     _check_relay_settings(poll_interval, lease_seconds, linger_ms, delivery_timeout_ms,
-                          kafka_batch_bytes)
+                          kafka_batch_bytes, exactly_once)
     try:
         extra = parse_options(kafka_options, client)
     except ValueError as exc:
@@ -132,7 +132,8 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
 
 
 def _check_relay_settings(poll_interval: float, lease_seconds: float, linger_ms: int,
-                          delivery_timeout_ms: int, kafka_batch_bytes: int) -> None:
+                          delivery_timeout_ms: int, kafka_batch_bytes: int,
+                          exactly_once: bool = False) -> None:
     """Refuse settings that contradict each other, before anything starts."""
     from outbox.publisher import KafkaSettings
 
@@ -145,6 +146,11 @@ def _check_relay_settings(poll_interval: float, lease_seconds: float, linger_ms:
             f"--delivery-timeout-ms ({delivery_timeout_ms}) must exceed --linger-ms "
             f"({linger_ms}) by at least 1000: a send lingers first, then needs time for "
             "its request")
+    if exactly_once and linger_ms >= lease_seconds * 1000:
+        raise click.UsageError(
+            f"--linger-ms ({linger_ms}) must be shorter than --lease ({lease_seconds:g} s) "
+            "with --exactly-once: a transaction times out after the lease, and a send "
+            "lingers before it is even sent")
     max_request = KafkaSettings("").max_request_size
     if kafka_batch_bytes > max_request:
         raise click.UsageError(

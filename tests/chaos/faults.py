@@ -85,8 +85,11 @@ WINDOW_PER_10MIN = 5  # the floor for each window kind (pro rata, at least 1 per
 WINDOW_NOMINAL_PER_10MIN = 6
 
 # The armed relay of window_send_crash keeps its first batch in the producer (linger)
-# until the crash point ends the process: none of it can have reached Kafka.
+# until the crash point ends the process: none of it can have reached Kafka. The
+# exactly-once relay's linger must stay under its transaction timeout, the lease.
 HOLD_IN_PRODUCER = ["--linger-ms", "5000", "--delivery-timeout-ms", "40000"]
+HOLD_IN_TXN_PRODUCER = ["--linger-ms", str(LEASE * 1000 - 500),
+                        "--delivery-timeout-ms", "40000"]
 
 
 class Gate:
@@ -259,6 +262,7 @@ class Faults:
                  unsafe: str | None, stop: threading.Event, trace: Path,
                  exactly_once: bool = False) -> None:
         self.relays, self.consumers = relays, consumers
+        self.exactly_once = exactly_once
         # The requests that mean "a send in flight". A transactional relay first adds the
         # partitions to its transaction, then produces, then ends the transaction: a
         # relay held at any of the three has records handed over and no commit answered.
@@ -381,7 +385,8 @@ class Faults:
     # -- faults aimed at the crash windows --------------------------------------------
 
     def window_send_crash(self, rng: random.Random) -> tuple[bool, str]:
-        return self._crash_at(self.relays, rng, "relay.after_send", HOLD_IN_PRODUCER)
+        return self._crash_at(self.relays, rng, "relay.after_send",
+                              HOLD_IN_TXN_PRODUCER if self.exactly_once else HOLD_IN_PRODUCER)
 
     def window_ack_crash(self, rng: random.Random) -> tuple[bool, str]:
         return self._crash_at(self.relays, rng, "relay.after_ack")

@@ -170,6 +170,8 @@ def test_metrics_port_without_the_metrics_extra(command: str, db_url: str,
     (["--linger-ms", "5000", "--delivery-timeout-ms", "5500"],
      "--delivery-timeout-ms (5500) must exceed --linger-ms (5000)"),
     (["--kafka-batch-bytes", str(32 * 1024 * 1024)], "must not exceed the producer's largest"),
+    (["--exactly-once", "--lease", "3", "--linger-ms", "3000"],
+     "--linger-ms (3000) must be shorter than --lease (3 s) with --exactly-once"),
 ])
 def test_contradicting_relay_settings_are_usage_errors(flags: list[str], message: str,
                                                       db_url: str) -> None:
