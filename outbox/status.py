@@ -161,9 +161,10 @@ def gather(outbox: OutboxReader, kafka: GroupOffsets | None = None,
     """One status: the outbox's, and that of `groups` plus every group with events in
     retry. Kafka's part (lag, held partitions, dead-letter counts) needs `kafka`; when
     Kafka does not answer, the groups say so and `errors` has one line."""
-    status = Status(taken_at=outbox.now(), shard_count=outbox.shard_count(),
-                    shards=outbox.backlog(), dead_letters=outbox.dead_letters(),
-                    relays=outbox.relays(), positions_drawn=outbox.positions_drawn())
+    shards = outbox.backlog()  # first: on a database without the tables, it names them
+    status = Status(taken_at=outbox.now(), shards=shards, dead_letters=outbox.dead_letters(),
+                    relays=outbox.relays(), shard_count=outbox.shard_count(),
+                    positions_drawn=outbox.positions_drawn())
     retries = outbox.group_retries()
     for name in dict.fromkeys([*groups, *sorted(retries)]):
         events, most = retries.get(name, (0, 0))
