@@ -50,7 +50,8 @@ demo: .venv/.installed
 	$(WITH_STACK) $(PY) -m examples.demo $(DEMO)
 
 ## the long chaos run: make chaos SEED=1 DURATION=600 [UNSAFE=ack|ordering|dedupe|shards|progress]
-## [CLIENT=confluent] [EXACTLY_ONCE=1]
+## [CLIENT=confluent] [EXACTLY_ONCE=1]; writes reports/chaos-seed<N>.json and, with
+## matplotlib, reports/chaos-seed<N>-timeline.png (redraw: python -m tests.chaos.timeline FILE)
 SEED ?= 1
 DURATION ?= 600
 CLIENT ?= kafka-python

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
+from examples.latency_plot import draw_or_say, percentile
 from outbox import migrate
 from outbox.dburl import libpq_url, sqlalchemy_url
 
@@ -205,7 +206,9 @@ def report(engine: sa.Engine, kafka: str, topic: str, committed: dict[str, float
     phantom = len(seen_requests & rolled_back)
 
     def pct(p: float, values: list[float] = lat) -> str:
-        return f"{values[min(len(values) - 1, int(p * len(values)))]:.0f} ms" if values else "-"
+        return f"{percentile(values, p):.0f} ms" if values else "-"
+
+    histogram = draw_or_say(lat, ROOT / "reports" / "demo-latency.png", to_kafka)
 
     checks = [
         ("orders committed", f"{len(committed)}", True),
@@ -227,6 +230,7 @@ def report(engine: sa.Engine, kafka: str, topic: str, committed: dict[str, float
          True),
         ("  of which Kafka to read model (consumer)",
          f"{pct(0.5, to_view)} / {pct(0.99, to_view)}", True),
+        ("  its histogram", histogram, True),
         ("run time", f"{elapsed:.0f} s", True),
     ]
     table = Table(title="transactional-outbox demo")

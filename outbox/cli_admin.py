@@ -5,6 +5,8 @@ outbox's tables."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,6 +14,9 @@ from outbox import cli as base
 from outbox.cli import db_option, main, pg_db_option, prefix_option
 from outbox.dburl import mask
 from outbox.errors import ConfigError
+
+if TYPE_CHECKING:
+    from outbox.status import Status
 
 log = logging.getLogger("outbox.cli")
 
@@ -74,50 +79,104 @@ def db_set_shards(db_url: str, table_prefix: str, count: int) -> None:
 @main.command()
 @pg_db_option
 @prefix_option
-def status(db_url: str, table_prefix: str) -> None:
-    """Backlog per shard, oldest pending age, dead letters, live relays and their shards."""
+@click.option("--json", "as_json", is_flag=True, envvar="OUTBOX_STATUS_JSON", show_envvar=True,
+              help="Print one JSON document for scripts (its schema: outbox/status.py).")
+@click.option("--watch", is_flag=True, envvar="OUTBOX_STATUS_WATCH", show_envvar=True,
+              help="A live view, redrawn every --interval seconds until Ctrl-C (needs rich: "
+                   "the [status] extra).")
+@click.option("--interval", envvar="OUTBOX_STATUS_INTERVAL", default=2.0, show_default=True,
+              type=click.FloatRange(0.5, 3600), show_envvar=True,
+              help="Seconds between two frames of --watch.")
+@click.option("--group", "groups", multiple=True, envvar="OUTBOX_STATUS_GROUPS",
+              show_envvar=True, metavar="NAME",
+              help="A consumer group to report on (repeatable; the variable takes several, "
+                   "space-separated); groups with events in retry are always reported.")
+@click.option("--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP_SERVERS", default=None,
+              show_envvar=True,
+              help="Kafka bootstrap servers, for the groups' lag, held partitions and "
+                   "dead-letter counts.")
+@click.option("--dlq-suffix", envvar="OUTBOX_DLQ_SUFFIX", default=".dlq", show_default=True,
+              show_envvar=True, help="The groups' dead-letter topics are <topic><suffix>.")
+def status(db_url: str, table_prefix: str, as_json: bool, watch: bool, interval: float,
+           groups: tuple[str, ...], kafka: str | None, dlq_suffix: str) -> None:
+    """Backlog per shard, oldest pending age, dead letters, live relays and their shards,
+    and consumer groups (lag, held partitions, dead letters: with --kafka).
+
+    Exits 1 when something could not be read (the database; Kafka, after the report)."""
+    import json
+
     import psycopg
 
     from outbox.dburl import libpq_url
     from outbox.schema import make_tables
+    from outbox.status import PostgresOutbox, gather, text_lines
+    from outbox.status import as_json as json_document
     from outbox.store import Store
 
-    store = Store(make_tables(table_prefix))
+    if as_json and watch:
+        raise click.UsageError("--json and --watch do not go together")
+    if groups and not kafka:
+        raise click.UsageError("--group needs --kafka (or OUTBOX_KAFKA_BOOTSTRAP_SERVERS) "
+                               "to read the group's offsets")
+    if watch:
+        from outbox.status_view import require_rich
+
+        try:
+            require_rich()
+        except ImportError as exc:
+            raise click.ClickException(str(exc)) from None
+    outbox = PostgresOutbox(lambda: psycopg.connect(libpq_url(db_url), autocommit=True,
+                                                    connect_timeout=5),
+                            Store(make_tables(table_prefix)))
+    lag = None
+    if kafka:
+        from outbox.kafka_lag import KafkaGroupOffsets
+
+        lag = KafkaGroupOffsets(kafka)
+
+    def sample() -> Status:
+        try:
+            return gather(outbox, lag, groups, dlq_suffix)
+        except psycopg.Error as exc:
+            outbox.close()
+            raise click.ClickException(
+                f"cannot read {mask(db_url)}: {base._clean(exc)}") from None
+
     try:
-        with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=5) as conn:
-            backlog = store.backlog(conn)
-            dead = store.count_dead_letters(conn)
-            relays = store.relays(conn)
-            count = store.shard_count(conn)
-            now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
-    except psycopg.Error as exc:
-        raise click.ClickException(f"cannot read {mask(db_url)}: {base._clean(exc)}") from None
-    total = sum(r["pending"] for r in backlog)
-    oldest = min((r["oldest"] for r in backlog), default=None)
-    age = f"{(now - oldest).total_seconds():.1f}s" if oldest else "-"
-    click.echo(f"pending events: {total}   oldest pending: {age}   dead letters: {dead}   "
-               f"shards: {count}")
-    owned = {shard for r in relays for shard in r["shards"]}
-    unowned = []
-    for r in backlog:
-        flag = ""
-        if r["shard"] >= count:
-            flag = "   <- OUTSIDE THE SHARD COUNT: no relay will ever take it"
-        elif r["shard"] not in owned:
-            flag = "   <- NO OWNER"
-        if flag:
-            unowned.append(r["shard"])
-        click.echo(f"  shard {r['shard']:>4}: {r['pending']} pending, "
-                   f"oldest {(now - r['oldest']).total_seconds():.1f}s, "
-                   f"max attempts {r['max_attempts']}{flag}")
-    if unowned:
-        click.echo(f"warning: pending events in {len(unowned)} shard(s) no live relay owns: "
-                   f"{','.join(map(str, unowned))}")
-    click.echo(f"live relays: {len(relays)}")
-    for r in relays:
-        shards = ",".join(str(s) for s in r["shards"]) or "none"
-        click.echo(f"  {r['application_name'] or r['pid']} (pid {r['pid']}, "
-                   f"{r['addr'] or 'local'}): shards {shards}")
+        if watch:
+            _watch(sample, interval)
+            return
+        found = sample()
+    finally:
+        outbox.close()
+        if lag is not None:
+            lag.close()
+    if as_json:
+        click.echo(json.dumps(json_document(found), indent=2))
+    else:
+        for line in text_lines(found):
+            click.echo(line)
+    if found.errors:
+        raise click.ClickException("; ".join(found.errors))
+
+
+def _watch(sample: Callable[[], Status], interval: float) -> None:
+    """--watch: a failed sample after the first is shown in the view, not fatal."""
+    from outbox.status_view import StatusUnavailable, watch
+
+    first = [True]
+
+    def take() -> Status:
+        try:
+            got = sample()
+        except click.ClickException as exc:
+            if first[0]:
+                raise
+            raise StatusUnavailable(exc.message) from None
+        first[0] = False
+        return got
+
+    watch(take, interval)
 
 
 @main.group("dead-letters")

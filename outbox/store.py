@@ -1,5 +1,6 @@
 """Every SQL statement the relay and `outbox status` run, in one place (the consumer's
-dedupe and attempt SQL is its inbox's: outbox.consumer.inbox).
+dedupe and attempt SQL is its inbox's: outbox.consumer.inbox; `outbox status` only reads
+the attempts table, here).
 
 Statements are plain psycopg SQL on one connection; table names come from a validated
 prefix (schema.validate_prefix), so formatting them in is safe.
@@ -7,6 +8,7 @@ prefix (schema.validate_prefix), so formatting them in is safe.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
@@ -170,9 +172,26 @@ class Store:
             "LIMIT 1) x)"
         )
         self._backlog = (
-            f"SELECT shard, count(*) AS pending, min(occurred_at) AS oldest, "
+            "SELECT shard, count(*) AS pending, min(occurred_at) AS oldest, "
+            "extract(epoch FROM now() - min(occurred_at))::float8 AS oldest_seconds, "
             f"max(attempts) AS max_attempts FROM {ev} WHERE published_at IS NULL "
             "GROUP BY shard ORDER BY shard"
+        )
+        # The events' position sequence: how many positions writers drew (rolled-back
+        # transactions' too), or NULL when this role may not read it.
+        self._positions_drawn = (
+            "SELECT CASE WHEN has_sequence_privilege(s.seq, 'SELECT,USAGE') "
+            "THEN coalesce(pg_sequence_last_value(s.seq), 0) END "
+            "FROM (SELECT pg_get_serial_sequence(%(events)s, 'position')::regclass AS seq) s"
+        )
+        at = tables.attempts.name
+        self._group_retries = (
+            f"SELECT consumer_group, count(*), max(attempts) FROM {at} "
+            "GROUP BY consumer_group ORDER BY consumer_group"
+        )
+        self._retrying = (
+            f"SELECT event_id::text, attempts, last_error FROM {at} "
+            "WHERE consumer_group = %(group)s AND event_id = ANY(%(ids)s::uuid[])"
         )
         self._dead_list = (
             f"SELECT position, event_id, topic, key, type, attempts, error, failed_at "
@@ -309,6 +328,30 @@ class Store:
     def dead_letters(self, conn: psycopg.Connection[Any], limit: int) -> list[dict[str, Any]]:
         with conn.cursor(row_factory=dict_row) as cur:
             return list(cur.execute(self._dead_list, {"limit": limit}))
+
+    def now(self, conn: psycopg.Connection[Any]) -> datetime:
+        """The database's clock: ages and rates are measured on it."""
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        return row[0]  # type: ignore[no-any-return]
+
+    def positions_drawn(self, conn: psycopg.Connection[Any]) -> int | None:
+        """Positions writers have drawn so far (None without the right to read the
+        sequence): successive values give the write rate."""
+        row = conn.execute(self._positions_drawn, {"events": self.t.events.name}).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def group_retries(self, conn: psycopg.Connection[Any]) -> dict[str, tuple[int, int]]:
+        """Per consumer group with events in retry: (how many, most attempts of one)."""
+        return {r[0]: (int(r[1]), int(r[2]))
+                for r in conn.execute(self._group_retries)}
+
+    def retrying(self, conn: psycopg.Connection[Any], group: str, event_ids: list[str]
+                 ) -> dict[str, tuple[int, str | None]]:
+        """Which of these events (ids as text, UUIDs) the group is retrying: id ->
+        (failed attempts, last error)."""
+        rows = conn.execute(self._retrying, {"group": group, "ids": event_ids})
+        return {r[0]: (int(r[1]), r[2]) for r in rows}
 
     def count_dead_letters(self, conn: psycopg.Connection[Any]) -> int:
         row = conn.execute(f"SELECT count(*) FROM {self.t.dead_letters.name}").fetchone()

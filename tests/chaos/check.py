@@ -58,6 +58,20 @@ def progress(url: str) -> tuple[int, int]:
         return -1, 0
 
 
+def counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """The timeline's cumulative counts, in one snapshot: events written (committed),
+    left in the outbox (pending), dead-lettered, and applied by the consumer. Events that
+    left the outbox were published: written - pending - dead_letters."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM chaos_events), (SELECT count(*) FROM outbox_events "
+        "WHERE published_at IS NULL), (SELECT count(*) FROM outbox_dead_letters), "
+        "(SELECT count(*) FROM chaos_effects)").fetchone()
+    assert row is not None
+    written, pending, dead, applied = (int(v) for v in row)
+    return {"written": written, "published": written - pending - dead, "pending": pending,
+            "dead_letters": dead, "applied": applied}
+
+
 def check(url: str, kafka: str, topic: str, committed: dict[str, tuple[str, int]],
           timeline: list[dict[str, Any]], started_wall: float,
           read_committed: bool = False) -> Findings:

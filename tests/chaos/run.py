@@ -43,8 +43,9 @@ from sqlalchemy.orm import sessionmaker
 from outbox import migrate
 from outbox.backoff import first_line
 from outbox.dburl import libpq_url, sqlalchemy_url
+from tests.chaos import timeline
 from tests.chaos.app import DDL
-from tests.chaos.check import check, load_committed, progress
+from tests.chaos.check import check, counts, load_committed, progress
 from tests.chaos.faults import (
     KINDS,
     LEASE,
@@ -80,6 +81,7 @@ class Report:
     missed: Counter[str] = field(default_factory=Counter)  # tried, window not hit
     fault_seconds: dict[str, list[float]] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # counts about every second
     events_committed: int = 0
     records_in_kafka: int = 0
     lost: int = 0
@@ -125,7 +127,7 @@ class Report:
             "drain_seconds": self.drain_seconds, "outbox_left": self.outbox_left,
             "exit_codes": self.exits, "unplanned_exits": self.restarts,
             "violations": self.violations, "short_of_floor": self.short_of_floor,
-            "examples": self.examples, "timeline": self.timeline,
+            "examples": self.examples, "timeline": self.timeline, "samples": self.samples,
         }
 
 
@@ -235,6 +237,11 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         def elapsed() -> float:
             return time.monotonic() - started
 
+        sampling = threading.Event()  # set when the drain is over
+        sampler = threading.Thread(target=sample_counts, daemon=True, name="sampler",
+                                   args=(direct_url, elapsed, sampling, report.samples))
+        sampler.start()
+
         def faults_of(kind: str) -> None:
             rng = random.Random(f"{seed}-{kind}")
             sched = schedules[kind]
@@ -324,6 +331,8 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                 log(f"  drain: outbox empty, {len(committed) - applied} events never applied")
                 break
             time.sleep(1)
+        sampling.set()
+        sampler.join(10)
         supervisor.stop()
         report.restarts = dict(supervisor.exits)
         for p in relay_procs + consumer_procs:
@@ -369,6 +378,26 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         raise
     (logs / "summary.json").write_text(json.dumps(report.as_dict(), indent=2))
     return report
+
+
+def sample_counts(url: str, elapsed: Callable[[], float], done: threading.Event,
+                  out: list[dict[str, Any]], interval: float = 1.0) -> None:
+    """Append the timeline's counts (check.counts) with their time every `interval` s
+    until `done`; while the database is away there is no sample (a gap in the picture)."""
+    conn: psycopg.Connection[Any] | None = None
+    while not done.is_set():
+        at = elapsed()
+        try:
+            if conn is None or conn.closed or conn.broken:
+                conn = psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=2)
+            out.append({"at": round(at, 2), **counts(conn)})
+        except psycopg.Error:
+            if conn is not None:
+                conn.close()
+            conn = None
+        done.wait(max(0.0, interval - (elapsed() - at)))
+    if conn is not None:
+        conn.close()
 
 
 def print_summary(report: Report) -> None:
@@ -444,6 +473,9 @@ def main() -> int:
     out = ROOT / "reports" / f"chaos-seed{args.seed}.json"
     out.write_text(json.dumps(report.as_dict(), indent=2))
     print(f"written: {out}")
+    drawn = timeline.draw_or_skip(report.as_dict(), timeline.png_for(out))
+    if drawn:
+        print(f"timeline: {drawn}")
     if report.violations:
         print(f"VIOLATIONS: {report.violations}  examples: {report.examples}")
     if report.short_of_floor:
