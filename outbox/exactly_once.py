@@ -178,7 +178,10 @@ class TxnSender:
         except Exception as exc:  # Kafka cannot be used now (made again next round)
             raise ProducerUnavailable(first_line(exc)) from exc
         shards = sorted(owned & set(self.producers))
-        per_shard = max(1, self.config.batch_size // max(1, len(shards)))
+        # Each shard's transaction may carry a whole --batch-size: its commit costs
+        # round trips to the coordinator and a marker per partition, paid per
+        # transaction, not per event; split over the shards they were too small.
+        per_shard = self.config.batch_size
         claim = self.cursors.claim(conn, shards, per_shard)
         if not claim.rows and not self.suspects:
             self.sender.metrics.backlog_empty()
