@@ -9,14 +9,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from opentelemetry import trace
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy.orm import sessionmaker
 
-from outbox import Outbox
 from outbox.consumer import ConsumerRunner
 from outbox.exactly_once import namespace
 from outbox.progress import KafkaProgressLog, progress_topic
@@ -24,25 +20,9 @@ from outbox.publisher import KafkaSettings, make_publisher
 from outbox.relay import Relay, RelayConfig
 from outbox.txn import make_txn_producer
 from tests.integration.test_relay import pending
-from tests.unit.test_tracing import Recorder, named, spans  # noqa: F401  (fixture)
+from tests.unit.test_tracing import Recorder, named, orders_app, spans  # noqa: F401
 
 MODES = [("kafka-python", False), ("confluent", False), ("kafka-python", True)]
-
-
-def service(engine: sa.Engine, topic: str) -> FastAPI:
-    factory = sessionmaker(engine)
-    outbox = Outbox()
-    app = FastAPI()
-
-    @app.post("/orders/{order_id}")
-    def place(order_id: int) -> dict[str, Any]:
-        with factory.begin() as session:
-            event = outbox.publish(session, topic=topic, key=str(order_id),
-                                   type="OrderPlaced", payload={"id": order_id})
-        return {"event": str(event.id)}
-
-    FastAPIInstrumentor.instrument_app(app)
-    return app
 
 
 def relay(db_url: str, kafka: str, client: str, exactly_once: bool) -> Relay:
@@ -63,7 +43,7 @@ def test_one_trace_from_the_request_to_the_consumer(
         new_topic: Callable[..., str], spans: InMemorySpanExporter,  # noqa: F811
         client: str, exactly_once: bool) -> None:
     topic = new_topic(partitions=1)
-    reply = TestClient(service(engine, topic)).post("/orders/7")
+    reply = TestClient(orders_app(engine, topic)).post("/orders/7")
     assert reply.status_code == 200
     server = next(s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.SERVER)
     assert server.context is not None

@@ -69,10 +69,8 @@ class Recorder(IdempotentConsumer):
         self.seen.append(event)
 
 
-def orders_app(url: str) -> FastAPI:
+def orders_app(engine: sa.Engine, topic: str = "orders") -> FastAPI:
     """A FastAPI service whose endpoint writes an event in its transaction."""
-    engine = sa.create_engine(url)
-    metadata.create_all(engine)
     factory = sessionmaker(engine)
     outbox = Outbox()
     app = FastAPI()
@@ -80,7 +78,7 @@ def orders_app(url: str) -> FastAPI:
     @app.post("/orders/{order_id}")
     def place(order_id: int) -> dict[str, Any]:
         with factory.begin() as session:
-            event = outbox.publish(session, topic="orders", key=str(order_id),
+            event = outbox.publish(session, topic=topic, key=str(order_id),
                                    type="OrderPlaced", payload={"id": order_id})
         return {"event": str(event.id)}
 
@@ -91,7 +89,9 @@ def orders_app(url: str) -> FastAPI:
 def test_one_trace_from_the_request_to_the_consumer(tmp_path: Path,
                                                     spans: InMemorySpanExporter) -> None:
     url = f"sqlite:///{tmp_path / 'shop.db'}"
-    reply = TestClient(orders_app(url)).post("/orders/7")
+    engine = sa.create_engine(url)
+    metadata.create_all(engine)
+    reply = TestClient(orders_app(engine)).post("/orders/7")
     assert reply.status_code == 200
     event_id = reply.json()["event"]
     server = next(s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.SERVER)
