@@ -9,6 +9,7 @@ throughput comes from; delivery reports are served on the relay's thread by `flu
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from outbox.errors import ConfigError
@@ -73,7 +74,7 @@ def _kafka_exception(raised: BaseException) -> Any:
     while seen is not None:
         if isinstance(seen, KafkaException) and seen.args:
             return seen
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__  # not __context__: a bug raised while handling one is a bug
     raise raised
 
 
@@ -258,5 +259,7 @@ class ConfluentTxnProducer:
         self._call(self._producer.abort_transaction, timeout)
 
     def close(self, timeout: float) -> None:
-        """An open transaction is left to the next owner's init (which aborts it)."""
-        self._producer.flush(max(0.0, min(timeout, 1.0)))
+        """An open transaction is left to the next owner's init (which aborts it). Never
+        raises: a fenced or failed producer is being thrown away anyway."""
+        with contextlib.suppress(Exception):
+            self._producer.flush(max(0.0, min(timeout, 1.0)))

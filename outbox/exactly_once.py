@@ -48,9 +48,11 @@ from outbox.progress import ProgressLog
 from outbox.publisher import Delivery
 from outbox.sending import Sender, Settled
 from outbox.store import Row
-from outbox.txn import Fenced, TxnFailed, TxnProducer, is_fenced
+from outbox.txn import Fenced, OpenTransaction, TxnFailed, TxnProducer, is_fenced
 
 log = logging.getLogger("outbox.relay")
+ROUND_BATCHES = 8  # a round claims at most this many --batch-size batches over its shards
+BLOCKED_RETRY = 30.0  # seconds a shard whose progress partition had a transaction open waits
 
 
 def namespace(db_url: str, table_prefix: str) -> str:
@@ -87,6 +89,9 @@ class TxnSender:
         self.timeout = sender.config.lease_seconds / 3
         self._prepared = False
         self._pool: ThreadPoolExecutor | None = None  # commits the shards' transactions
+        # shards left alone until then: their progress partition had a transaction open
+        # (OpenTransaction); trying again costs an initialization and a wait each time
+        self.blocked: dict[int, float] = {}
 
     # -- shards taken and let go -----------------------------------------------------
 
@@ -95,6 +100,8 @@ class TxnSender:
         transaction carried. The producers are made together (each initialization is a
         round trip to the transaction coordinator, which may wait for the previous
         owner's transaction to end), while the session is kept alive."""
+        now = time.monotonic()
+        shards = [s for s in shards if self.blocked.get(s, 0.0) <= now]
         if not shards:
             return
         if not self._prepared:
@@ -117,6 +124,13 @@ class TxnSender:
             try:
                 conn.execute("SELECT 1")  # each progress read may take a moment
                 self._settle_previous(conn, shard)
+            except OpenTransaction as exc:
+                producer.close(1.0)
+                self.blocked[shard] = time.monotonic() + BLOCKED_RETRY
+                self.sender.throttle.warn(
+                    f"open{shard}", f"relay {self.relay_id}: shard {shard} not taken, "
+                    f"tried again in {BLOCKED_RETRY:.0f}s: {exc}", shard=shard)
+                continue
             except BaseException:
                 producer.close(1.0)
                 for later, f in made.items():  # close the ones not registered yet
@@ -124,6 +138,7 @@ class TxnSender:
                         f.result().close(1.0)
                 raise
             self.producers[shard] = producer  # only now: its progress was checked
+            self.blocked.pop(shard, None)
         if failed is not None:
             raise failed
 
@@ -178,10 +193,13 @@ class TxnSender:
         except Exception as exc:  # Kafka cannot be used now (made again next round)
             raise ProducerUnavailable(first_line(exc)) from exc
         shards = sorted(owned & set(self.producers))
-        # Each shard's transaction may carry a whole --batch-size: its commit costs
-        # round trips to the coordinator and a marker per partition, paid per
-        # transaction, not per event; split over the shards they were too small.
-        per_shard = self.config.batch_size
+        # A transaction's commit costs round trips to the coordinator and a marker per
+        # partition, paid per transaction, not per event: split over the shards as the
+        # default relay's batch is, transactions were too small (about 60 events at the
+        # defaults). So each may carry up to --batch-size, within a round of at most
+        # ROUND_BATCHES batches in all (memory, and the round's length).
+        per_shard = max(1, min(self.config.batch_size,
+                               ROUND_BATCHES * self.config.batch_size // max(1, len(shards))))
         claim = self.cursors.claim(conn, shards, per_shard)
         if not claim.rows and not self.suspects:
             self.sender.metrics.backlog_empty()

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from outbox.errors import ConfigError
 from outbox.publisher import Delivery, KafkaSettings
-from outbox.txn import InMemoryTxnBroker, TxnFailed, TxnProducer
+from outbox.txn import InMemoryTxnBroker, OpenTransaction, TxnFailed, TxnProducer
 
 log = logging.getLogger("outbox.relay")
 
@@ -74,11 +74,13 @@ class ProgressLog(Protocol):
 class KafkaProgressLog:
     """The progress topic on Kafka, read with a `read_committed` kafka-python consumer."""
 
-    def __init__(self, settings: KafkaSettings, topic: str, timeout: float = 30.0) -> None:
+    def __init__(self, settings: KafkaSettings, topic: str, timeout: float = 30.0,
+                 open_wait: float = 2.0) -> None:
         self.settings = settings
         self.topic = topic
         self.num_shards = 0
         self.timeout = timeout
+        self.open_wait = open_wait  # how long a takeover waits for an open transaction
         self._consumers: dict[bool, Any] = {}  # read_committed or not: a consumer
 
     def prepare(self, num_shards: int) -> None:
@@ -129,8 +131,8 @@ class KafkaProgressLog:
         consumer = self._open()
         tp = TopicPartition(self.topic, shard)
         consumer.assign([tp])
+        end = self._stable_end(tp, keepalive, time.monotonic() + self.open_wait)
         deadline = time.monotonic() + self.timeout
-        end = self._stable_end(tp, keepalive, deadline)
         window = 16
         while True:
             start = max(0, end - window)
@@ -154,25 +156,27 @@ class KafkaProgressLog:
         """The partition's last stable offset, once no transaction is open on it.
 
         Called right after the shard's transactional id was initialized, which ends
-        whatever transaction that id had open, so nothing should be. An open one
-        anyway belongs to no producer the coordinator knows of (a "hanging"
-        transaction, or another id writing here): reading up to its first offset would
-        miss its record, and if it is ever committed (a later commit marker of the same
-        producer id can do that) its events would be sent twice. So wait for it to end,
-        and fail the take (retried with backoff) if it does not."""
+        whatever transaction that id had open (the coordinator answers once its markers
+        are written), so nothing should be. An open one anyway belongs to no producer
+        the coordinator knows of (a "hanging" transaction, or another id writing here):
+        reading up to its first offset would miss its record, and if it is ever
+        committed (a later commit marker of the same producer id can do that) its
+        events would be sent twice. So wait a moment for it to end, then raise
+        OpenTransaction: the relay leaves that shard alone for a while (outbox.
+        exactly_once) and goes on with the others."""
         stable, high = self._ends(tp)
         if stable >= high:
             return stable
-        log.warning("%s[%d]: a transaction is open from offset %d to %d right after the "
-                    "shard's transactional id was initialized; waiting for it to end",
-                    self.topic, tp.partition, stable, high)
+        log.debug("%s[%d]: a transaction is open from offset %d to %d right after the "
+                  "shard's transactional id was initialized; waiting for it to end",
+                  self.topic, tp.partition, stable, high)
         while time.monotonic() < deadline:
             keepalive()
             time.sleep(0.5)
             stable, high = self._ends(tp)
             if stable >= high:
                 return stable
-        raise TxnFailed(
+        raise OpenTransaction(
             f"{self.topic}[{tp.partition}] has a transaction open from offset {stable} that "
             "no producer of this shard owns (a hanging transaction, or another "
             "transactional id writing there); it also holds back read_committed consumers. "

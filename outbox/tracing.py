@@ -4,9 +4,9 @@ the consumer that applied it (the `otel` extra: opentelemetry-api).
 - `publish()` copies the current span's context into the event's headers (W3C
   `traceparent` and `tracestate`), so it is stored with the row and the relay sends it
   on as Kafka headers, as any user header.
-- The relay records one `send` span per batch, linked to the contexts of the events
-  it carries (a batch has many parents, so links, not a parent: the messaging
-  semantic conventions' choice for batches).
+- The relay records one `send` span per claimed batch, linked to the contexts of the
+  events it carries (a batch has many parents, so links, not a parent: the messaging
+  semantic conventions' choice for batches), up to the SDK's default of 128 links.
 - The consumer records one `process` span per event, a child of the context the
   event carries, with the messaging attributes and `outbox.outcome`: applied,
   duplicate, retried or dead_lettered, or redone when the batch's fast path rolled
@@ -21,7 +21,7 @@ a valid current span (some other component traces).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,36 +44,42 @@ def enabled() -> bool:
     return _available
 
 
-def _tracer_set() -> bool:
-    """Whether an SDK's tracer provider is installed: until one is, the API hands out
-    non-recording spans, and the relay's and consumer's spans are skipped (extracting
-    each event's context would cost without showing anywhere)."""
+_tracer_of: tuple[Any, Any] = (None, None)  # (provider, its tracer): made once per provider
+
+
+def _tracer() -> Any:
+    """The outbox's tracer once an SDK's tracer provider is installed, else None: until
+    then the API hands out non-recording spans, and the relay's and consumer's spans are
+    skipped (extracting each event's context would cost without showing anywhere)."""
+    global _tracer_of
     if not enabled():
-        return False
+        return None
     from opentelemetry import trace
 
-    return not isinstance(trace.get_tracer_provider(),
-                          trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    if _tracer_of[0] is not provider:
+        _tracer_of = (provider, provider.get_tracer(_NAME))
+    return _tracer_of[1]
 
 
-def inject(headers: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """`headers` with the current trace context added (a copy), or as they were when
-    there is no current span, no opentelemetry, or the caller set the headers itself."""
+def inject(headers: dict[str, Any]) -> dict[str, Any]:
+    """Checked user `headers` with the current trace context added (a copy), or as they
+    were when there is no current span, no opentelemetry, or the caller set the trace
+    headers itself (its own context wins)."""
     if not enabled():
         return headers
     from opentelemetry import propagate, trace
 
     if not trace.get_current_span().get_span_context().is_valid:
         return headers
-    if headers is not None and any(h in headers for h in TRACE_HEADERS):
-        return headers  # the caller's own context wins
+    if any(h in headers for h in TRACE_HEADERS):
+        return headers
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    if not carrier:
-        return headers
-    out: dict[str, Any] = dict(headers or {})
-    out.update({k: v for k, v in carrier.items() if k in TRACE_HEADERS})
-    return out
+    added = {k: v for k, v in carrier.items() if k in TRACE_HEADERS}
+    return {**headers, **added} if added else headers
 
 
 def _carrier(headers: Iterable[tuple[str, Any]]) -> dict[str, str]:
@@ -95,17 +101,24 @@ def _extract(headers: Iterable[tuple[str, Any]]) -> Any:
     return propagate.extract(carrier)
 
 
+MAX_LINKS = 128  # the SDK's default limit of links per span: no use parsing more
+
+
 @contextmanager
 def send_span(rows: Sequence[Any], relay_id: str) -> Iterator[None]:
-    """The relay's span for one batch of rows (each with `.topic` and `.headers`, its
-    Kafka headers): kind PRODUCER, linked to each event's context."""
-    if not rows or not _tracer_set():
+    """The relay's span for one claimed batch of rows (each with `.topic` and
+    `.headers`, its Kafka headers): kind PRODUCER, linked to the contexts of its first
+    MAX_LINKS traced events."""
+    tracer = _tracer() if rows else None
+    if tracer is None:
         yield
         return
     from opentelemetry import trace
 
-    links = []
+    links: list[Any] = []
     for row in rows:
+        if len(links) >= MAX_LINKS:
+            break
         context = _extract(row.headers)
         if context is not None:
             span_context = trace.get_current_span(context).get_span_context()
@@ -113,7 +126,6 @@ def send_span(rows: Sequence[Any], relay_id: str) -> Iterator[None]:
                 links.append(trace.Link(span_context))
     names = sorted({row.topic for row in rows})
     destination = names[0] if len(names) == 1 else "multiple"
-    tracer = trace.get_tracer(_NAME)
     with tracer.start_as_current_span(
             f"send {destination}", kind=trace.SpanKind.PRODUCER, links=links,
             attributes={"messaging.system": "kafka", "messaging.operation.type": "send",
@@ -133,6 +145,19 @@ class ProcessSpan:
         self.outcome = "applied"
         self.error: BaseException | None = None
 
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Make it the current span while the handler runs: the handler's own spans,
+        and the events it publishes, then belong to this trace."""
+        if self._span is None:
+            yield
+            return
+        from opentelemetry import trace
+
+        with trace.use_span(self._span, end_on_exit=False, record_exception=False,
+                            set_status_on_exception=False):
+            yield
+
     def end(self, outcome: str | None = None) -> None:
         if self._span is None:
             return
@@ -146,7 +171,18 @@ class ProcessSpan:
         self._span = None
 
 
-_NO_SPAN = ProcessSpan(None)
+class _NoSpan(ProcessSpan):
+    """Without a tracer: one shared object that keeps nothing written to it (no
+    exception and its frames held, nothing shared between consumer threads)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan.__new__(_NoSpan)
+object.__setattr__(_NO_SPAN, "_span", None)
+object.__setattr__(_NO_SPAN, "outcome", "applied")
+object.__setattr__(_NO_SPAN, "error", None)
 
 
 class Spans:
@@ -162,11 +198,12 @@ class Spans:
               headers: Iterable[tuple[str, Any]] | None,
               outcome: str = "applied") -> ProcessSpan:
         """A child span of the context the event carries (no-op without a tracer)."""
-        if not _tracer_set():
+        tracer = _tracer()
+        if tracer is None:
             return _NO_SPAN
         from opentelemetry import trace
 
-        span = ProcessSpan(trace.get_tracer(_NAME).start_span(
+        span = ProcessSpan(tracer.start_span(
             f"process {topic}", context=_extract(headers or ()),
             kind=trace.SpanKind.CONSUMER,
             attributes={"messaging.system": "kafka", "messaging.operation.type": "process",

@@ -16,6 +16,7 @@ Any other exception from `make_txn_producer` means Kafka cannot be used now.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ class Fenced(Exception):
 
 class TxnFailed(Exception):
     """The transaction did not commit; abort it (if still open) and send it again."""
+
+
+class OpenTransaction(TxnFailed):
+    """A shard's progress partition has a transaction open that its own transactional
+    id does not account for (outbox.progress): the shard cannot be taken now."""
 
 
 class TxnProducer(Protocol):
@@ -172,7 +178,9 @@ class KafkaTxnProducer:
             raise failure[0]
 
     def close(self, timeout: float) -> None:
-        self._producer.close(timeout=timeout)
+        """Never raises: a fenced or failed producer is being thrown away anyway."""
+        with contextlib.suppress(Exception):
+            self._producer.close(timeout=timeout)
 
 
 # -- the in-memory twin ----------------------------------------------------------------

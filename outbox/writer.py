@@ -140,7 +140,10 @@ class Outbox:
         validate_topic(topic)
         key_len = key_size(key)
         type_len = type_size(type)
-        user_headers, headers_len = check_headers(tracing.inject(headers))
+        user_headers, headers_len = check_headers(headers)
+        traced = tracing.inject(user_headers)
+        if traced is not user_headers:  # the trace context counts towards the size
+            user_headers, headers_len = check_headers(traced)
         data = self.serializer.dumps(payload)
         if not isinstance(data, bytes):
             if not isinstance(data, bytearray | memoryview):

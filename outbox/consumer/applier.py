@@ -191,7 +191,8 @@ class _Batch:
         if not self.savepoints:
             span = self._span(record, event)
             try:
-                self.a.calls.call(self.session, (self.root,), [event], record)
+                with span.current():
+                    self.a.calls.call(self.session, (self.root,), [event], record)
             except HandlerMisuse:
                 raise
             except Exception as exc:
@@ -211,7 +212,8 @@ class _Batch:
         # inside it.
         self.session.connection()
         try:
-            self.a.calls.call(self.session, (self.root, sp), [event], record)
+            with span.current():
+                self.a.calls.call(self.session, (self.root, sp), [event], record)
             sp.commit()  # flushes the handler's pending ORM changes, releases the savepoint
         except HandlerMisuse:
             raise

@@ -84,7 +84,8 @@ class ExternalApplier(Applier):
             root = session.get_transaction()
             assert root is not None
             try:
-                self.calls.call(session, (root,), [event], record)
+                with span.current():
+                    self.calls.call(session, (root,), [event], record)
                 # Only now, after the handler succeeded: the dedupe record, in the same
                 # transaction as the handler's own writes.
                 fresh = not dedupe or bool(self.inbox.mark_processed(conn, self.group,
@@ -96,9 +97,12 @@ class ExternalApplier(Applier):
                 else:
                     session.rollback()  # another consumer finished it first: keep its effects
                     span.outcome = "duplicate"
-            except HandlerMisuse:
+            except HandlerMisuse as exc:
+                span.error, span.outcome = exc, "redone"
                 raise
             except Exception as exc:
+                # until the attempt is recorded: the batch fails and is applied again
+                span.error, span.outcome = exc, "redone"
                 lost = connection_lost(exc, conn)
                 with contextlib.suppress(Exception):
                     session.rollback()

@@ -21,7 +21,7 @@ from outbox.exactly_once import namespace
 from outbox.progress import KafkaProgressLog, progress_topic
 from outbox.publisher import CLIENTS, KafkaSettings, make_publisher
 from outbox.relay import Relay, RelayConfig
-from outbox.txn import Fenced, TxnFailed, make_txn_producer
+from outbox.txn import Fenced, OpenTransaction, make_txn_producer
 from tests.integration.procs import RelayProcess
 from tests.integration.test_relay import pending, write_events
 
@@ -154,31 +154,43 @@ def test_an_open_transaction_on_a_progress_partition_holds_the_takeover_back(
         kafka_bootstrap: str) -> None:
     """A relay reads a shard's progress only once no transaction is open on its
     partition: a record below an open transaction's first offset may not be the last
-    (if that transaction ever commits, its events would be sent twice). It waits for
-    the transaction to end, then fails the take clearly if it does not."""
+    (if that transaction ever commits, its events would be sent twice). It waits a
+    moment for the transaction to end, then refuses the shard (OpenTransaction)."""
     import threading
 
     settings = KafkaSettings(kafka_bootstrap)
     run = uuid.uuid4().hex[:6]
-    progress = KafkaProgressLog(settings, f"outbox-test-{run}-progress", timeout=3)
+    progress = KafkaProgressLog(settings, f"outbox-test-{run}-progress", open_wait=3)
     progress.prepare(2)
-    first = make_txn_producer("kafka-python", settings, f"test-{run}-a", 5000)
+    first = make_txn_producer("kafka-python", settings, f"test-{run}-a", 30_000)
     first.begin()
     progress.record(first, 0, [(1, "e1")], "r")
     first.flush(5)
     first.commit(5)
-    other = make_txn_producer("kafka-python", settings, f"test-{run}-b", 5000)
+    other = make_txn_producer("kafka-python", settings, f"test-{run}-b", 30_000)
     try:
         other.begin()
         sent = progress.record(other, 0, [(2, "e2")], "r")
         other.flush(5)
         assert sent.done() and sent.error() is None
-        with pytest.raises(TxnFailed, match="hanging transaction"):
+        with pytest.raises(OpenTransaction, match="hanging transaction"):
             progress.last(0)
         assert progress.last(1) == []  # the other shard's partition has none open
         # ended while the reader waits: the reader sees its record, the last one
-        threading.Timer(1.0, other.commit, args=(5,)).start()
+        committed: list[BaseException | None] = []
+
+        def commit() -> None:
+            try:
+                other.commit(10)
+                committed.append(None)
+            except BaseException as exc:
+                committed.append(exc)
+
+        timer = threading.Timer(1.0, commit)
+        timer.start()
         assert progress.last(0) == [(2, "e2")]
+        timer.join(15)
+        assert committed == [None]
     finally:
         other.close(1)
         first.close(1)

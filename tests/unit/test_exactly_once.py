@@ -18,7 +18,7 @@ from outbox.publisher import Record
 from outbox.relay_config import RelayConfig
 from outbox.sending import Sender
 from outbox.store import Claim, Row
-from outbox.txn import Fenced, InMemoryTxnBroker, TxnFailed
+from outbox.txn import Fenced, InMemoryTxnBroker, OpenTransaction, TxnFailed
 
 
 class TooLarge(Exception):
@@ -276,3 +276,36 @@ def test_a_transaction_that_cannot_begin_skips_its_shard_for_the_cycle() -> None
     assert 1 not in txn.producers  # made again (fenced, progress read) next cycle
     assert cycle(txn, store, [0, 1]) == 2
     assert store.pending() == []
+
+
+class OpenOn(InMemoryProgressLog):
+    """A progress log whose partition `shard` has a transaction open (a hanging one)."""
+
+    def __init__(self, broker: InMemoryTxnBroker, shard: int | None) -> None:
+        super().__init__(broker)
+        self.shard = shard
+        self.reads: list[int] = []
+
+    def last(self, shard: int, keepalive: Any = lambda: None) -> list[tuple[int, str]]:
+        self.reads.append(shard)
+        if shard == self.shard:
+            raise OpenTransaction(f"t[{shard}] has a transaction open from offset 4")
+        return super().last(shard, keepalive)
+
+
+def test_a_shard_with_a_transaction_open_on_its_progress_is_left_alone_not_the_others(
+        ) -> None:
+    store, broker = FakeStore(6), InMemoryTxnBroker()
+    txn = make(store, broker)
+    txn.progress = progress = OpenOn(broker, 1)
+    txn.round(CONN, {0, 1}, 2)
+    assert set(txn.producers) == {0}
+    assert sorted(event_ids(broker)) == ["id-2", "id-4", "id-6"]  # shard 0's
+    assert [r.position for r in store.pending()] == [1, 3, 5]  # shard 1's wait
+    txn.round(CONN, {0, 1}, 2)
+    assert progress.reads.count(1) == 1  # not tried again before BLOCKED_RETRY
+    progress.shard = None  # the transaction was aborted (kafka-transactions.sh)
+    txn.blocked[1] = 0.0  # BLOCKED_RETRY has passed
+    txn.round(CONN, {0, 1}, 2)
+    assert store.pending() == [] and len(event_ids(broker)) == 6
+    assert txn.blocked == {}

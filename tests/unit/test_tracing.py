@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import Event, IdempotentConsumer, Outbox
 from outbox.consumer import ConsumerRunner
+from outbox.errors import InvalidHeader
 from outbox.schema import metadata
-from outbox.testing import InMemoryBroker, drain
+from outbox.testing import InMemoryBroker, InMemoryPublisher, drain
 from tests.unit.consumer_kit import (
     Counter,
     Kit,
@@ -217,3 +218,25 @@ def test_an_external_consumer_has_the_same_outcomes(kit: Kit,  # noqa: F811
     assert sorted(outcomes()) == sorted([
         (str(ok.id), "applied"), (str(bad.id), "retried"), (str(bad.id), "dead_lettered"),
         (str(ok.id), "duplicate")])
+
+
+def test_no_current_span_adds_nothing_and_the_callers_own_context_wins(
+        tmp_path: Path, spans: InMemorySpanExporter) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'own.db'}")
+    metadata.create_all(engine)
+    factory, box = sessionmaker(engine), Outbox()
+    with factory.begin() as session:  # no span is current
+        box.publish(session, topic="t", key="a", type="T", payload=1)
+    mine = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    with trace.get_tracer("test").start_as_current_span("request"), \
+            factory.begin() as session:
+        box.publish(session, topic="t", key="b", type="T", payload=1,
+                    headers={"traceparent": mine})
+        with pytest.raises(InvalidHeader):  # checked as without a span: a mapping only
+            box.publish(session, topic="t", key="c", type="T", payload=1,
+                        headers=[("a", "b")])  # type: ignore[arg-type]
+    publisher = InMemoryPublisher()
+    assert drain(f"sqlite:///{tmp_path / 'own.db'}", publisher) == 2
+    first, second = (dict(r.headers) for r in publisher.records)
+    assert "traceparent" not in first
+    assert second["traceparent"] == mine.encode()
