@@ -45,6 +45,8 @@ their own ports; state in $CSTATE (git-ignored).
   pg-failover          kill -9 the primary, promote the standby, rebuild the old primary
                        as the new standby (pg_rewind, else a fresh base backup); returns
                        once the new standby is synchronous again
+  pg-rebuild-standby   make the stopped cluster a standby of the running primary again
+                       (repairs a failover that stopped half-way)
   pg-restart [-m MODE] restart the primary (default mode: fast)
   pg-primary           print the name and port of the primary
 EOF
@@ -195,8 +197,12 @@ cpg_kill() {
   kids="$(ps -o pid= --ppid "$pid" || true)"
   # shellcheck disable=SC2086  # one pid per word
   kill -KILL "$pid" $kids 2>/dev/null || true
-  while pid_alive "$pid"; do sleep 0.05; done
-  for k in $kids; do while pid_alive "$k"; do sleep 0.05; done; done
+  # Until reaped, not only dead: a new postmaster takes a zombie's pid in postmaster.pid
+  # for a live server and refuses to start.
+  local deadline=$((SECONDS + 10))
+  for k in $pid $kids; do
+    while [[ -d "/proc/$k" ]] && ((SECONDS < deadline)); do sleep 0.05; done
+  done
   wait_port_closed 127.0.0.1 "$(cpg_port "$name")" 10 || say "warning: port $(cpg_port "$name") still open"
 }
 
@@ -318,8 +324,10 @@ ck_launch() {
 ck_wait() {
   local n="$1" home pid offset deadline=$((SECONDS + KAFKA_START_TIMEOUT)); home="$(ck_home "$n")"
   offset="$(cat "$home/log.offset" 2>/dev/null || echo 0)"
+  pid="$(cat "$home/kafka.pid" 2>/dev/null)"
   while :; do
-    pid="$(ck_pid "$n")" || { tail -n 20 "$home/stdout.log" >&2 2>/dev/null; die "Kafka node $n exited during startup; see $home/server.log"; }
+    # pid_alive, not ck_pid: just launched, the process may not have exec'd java yet.
+    pid_alive "$pid" || { tail -n 20 "$home/stdout.log" >&2 2>/dev/null; die "Kafka node $n exited during startup; see $home/server.log"; }
     if tail -c +"$((offset + 1))" "$home/server.log" 2>/dev/null | grep -F "[KafkaRaftServer nodeId=$n] Kafka Server started" >/dev/null \
        && tcp_open 127.0.0.1 "$(ck_port "$n")"; then
       return 0
@@ -417,6 +425,11 @@ cluster_main() {
       done
       ck_wait_isr ;;
     pg-failover) cpg_failover ;;
+    pg-rebuild-standby)
+      CPG_VER="$(cpg_version)"
+      n="$(cpg_primary)" || die "no PostgreSQL primary is running"
+      cpg_online "$(cpg_other "$n")" && die "$(cpg_other "$n") is running; stop it first (pg_ctlcluster $CPG_VER $(cpg_other "$n") stop)"
+      cpg_rebuild "$(cpg_other "$n")" "$n" ;;
     pg-restart)  cpg_restart "$@" ;;
     pg-primary)  CPG_VER="$(cpg_version)"; n="$(cpg_primary)" || die "no PostgreSQL primary is running"; echo "$n $(cpg_port "$n")" ;;
     help|-h|--help) cluster_usage ;;

@@ -32,14 +32,14 @@ def main() -> int:
         return 1
     partitions = [p for t in topics for p in t["partitions"]]
     if what == "most":
-        led = Counter(p["leader"] for p in partitions if p["leader"] >= 0)
+        led = Counter(p["leader_id"] for p in partitions if p["leader_id"] >= 0)
         if not led:
             print("leaders: no partition has a leader", file=sys.stderr)
             return 1
         print(led.most_common(1)[0][0])
     elif what == "under":
         print(sum(1 for p in partitions
-                  if p["leader"] < 0 or len(p["isr"]) < len(p["replicas"])))
+                  if p["leader_id"] < 0 or len(p["isr_nodes"]) < len(p["replica_nodes"])))
     else:
         print(f"leaders: unknown question {what!r} (most|under)", file=sys.stderr)
         return 2
