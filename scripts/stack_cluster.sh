@@ -223,6 +223,9 @@ cpg_failover() {
     ((SECONDS - t0 < CPG_READY_TIMEOUT)) || die "$new did not leave recovery"
     sleep 0.1
   done
+  # pg_rewind reads the timeline from the source's control file, which a promotion
+  # updates only at its next checkpoint (see pg_rewind's documentation).
+  cpg_psql "$new" -c CHECKPOINT
   say "$new is the primary ($((SECONDS - t0)) s); rebuilding $old as its standby ..."
   cpg_rebuild "$old" "$new"
   say "failover done in $((SECONDS - t0)) s: primary $new :$(cpg_port "$new"), synchronous standby $old :$(cpg_port "$old")"
@@ -240,7 +243,11 @@ cpg_rebuild() {
     cpg_base_backup "$old" "$new"
   fi
   as_postgres test -f "$data/standby.signal" || die "$old has no standby.signal after the rebuild"
-  cpg_start "$old"
+  if ! (cpg_start "$old"); then
+    say "$old does not start as a standby after pg_rewind; a fresh base backup instead"
+    cpg_base_backup "$old" "$new"
+    cpg_start "$old"
+  fi
   cpg_wait_standby "$new" any
   cpg_set_sync "$new" '*'
   cpg_wait_standby "$new" sync
