@@ -290,6 +290,10 @@ class Faults:
         self.broker_proxies = broker_proxies or []
         self.probe_factory = probe_factory
         self.failovers: list[dict[str, float]] = []
+        # A leader kill (kill, then start) and a rolling restart one at a time: a rolling
+        # restart begun between a kill and its start waits for full ISRs that only the
+        # start can give, while the start waits for the stack's lock the restart holds.
+        self.brokers_lock = threading.Lock()
         self.exactly_once = exactly_once
         # The requests that mean "a send in flight". A transactional relay first adds the
         # partitions to its transaction, then produces, then ends the transaction: a
@@ -398,6 +402,10 @@ class Faults:
     def kafka_leader_kill(self, rng: random.Random) -> tuple[bool, str]:
         """kill -9 the broker leading the most partitions; start it again at once (plus up
         to 0.5 s)."""
+        with self.brokers_lock:
+            return self._kill_leader(rng)
+
+    def _kill_leader(self, rng: random.Random) -> tuple[bool, str]:
         self.kafka_up.clear()
         try:
             node = stack("kafka-kill-leader", cluster=True).split()[-1]
@@ -410,7 +418,8 @@ class Faults:
     def kafka_rolling_restart(self, rng: random.Random) -> tuple[bool, str]:
         """Brokers 1, 2, 3 stopped (controlled shutdown) and started one at a time, each
         once every partition is fully replicated again."""
-        stack("kafka-rolling-restart", cluster=True)
+        with self.brokers_lock:
+            stack("kafka-rolling-restart", cluster=True)
         return True, ""
 
     def broker_isolate(self, rng: random.Random) -> tuple[bool, str]:
