@@ -425,8 +425,14 @@ class Faults:
     def broker_isolate(self, rng: random.Random) -> tuple[bool, str]:
         """One broker cut off from every client (the brokers still see each other)."""
         proxy = rng.choice(self.broker_proxies)
+        return self._for_a_while(proxy, proxy.isolate, rng)
+
+    @staticmethod
+    def _for_a_while(proxy: TcpProxy | ProxyGroup, fault: Callable[[float], None],
+                     rng: random.Random) -> tuple[bool, str]:
+        """`fault(seconds)` on `proxy` for 2-6 s, and wait them out."""
         seconds = rng.uniform(2, 6)
-        proxy.isolate(seconds)
+        fault(seconds)
         time.sleep(seconds)
         return True, f"{proxy.name}: {seconds:.1f}s"
 
@@ -507,10 +513,7 @@ class Faults:
 
     def net_blackhole(self, rng: random.Random) -> tuple[bool, str]:
         proxy = rng.choice(self.proxies)
-        seconds = rng.uniform(2, 6)
-        proxy.blackhole(seconds)
-        time.sleep(seconds)
-        return True, f"{proxy.name}: {seconds:.1f}s"
+        return self._for_a_while(proxy, proxy.blackhole, rng)
 
     def net_latency(self, rng: random.Random) -> tuple[bool, str]:
         proxy = rng.choice(self.proxies)

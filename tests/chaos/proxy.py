@@ -15,7 +15,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends a reset
 KAFKA_PRODUCE = 0  # the API key of a Kafka Produce request
@@ -222,28 +222,26 @@ class ProxyGroup:
         return sum(p.cut(refuse_for) for p in self.members)
 
     def blackhole(self, seconds: float) -> None:
-        for p in self.members:
-            p.blackhole(seconds)
+        self._each(TcpProxy.blackhole, seconds)
 
     def hold(self) -> None:
-        for p in self.members:
-            p.hold()
+        self._each(TcpProxy.hold)
 
     def release(self) -> None:
-        for p in self.members:
-            p.release()
+        self._each(TcpProxy.release)
 
     def slow(self, seconds: float) -> None:
-        for p in self.members:
-            p.slow(seconds)
+        self._each(TcpProxy.slow, seconds)
 
     def heal(self) -> None:
-        for p in self.members:
-            p.heal()
+        self._each(TcpProxy.heal)
 
     def close(self) -> None:
+        self._each(TcpProxy.close)
+
+    def _each(self, method: Callable[..., None], *args: float) -> None:
         for p in self.members:
-            p.close()
+            method(p, *args)
 
     def held_kafka_requests(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
