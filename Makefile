@@ -2,8 +2,10 @@
 PY      := .venv/bin/python
 STACK   := scripts/stack
 WITH_STACK := $(STACK) up >&2 && eval "$$($(STACK) env)" &&
+# OUTBOX_STACK_CLUSTER=1: every scripts/stack call of the run goes to the cluster
+WITH_CLUSTER := $(STACK) --cluster up >&2 && eval "$$($(STACK) --cluster env)" && OUTBOX_STACK_CLUSTER=1
 
-.PHONY: test test-unit test-integration test-packaging lint typecheck docs demo bench chaos stack-up stack-down clean
+.PHONY: test test-unit test-integration test-packaging lint typecheck docs demo bench chaos chaos-cluster-short stack-up stack-down clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -55,10 +57,18 @@ demo: .venv/.installed
 SEED ?= 1
 DURATION ?= 600
 CLIENT ?= kafka-python
+## CLUSTER=1: on `scripts/stack --cluster` (three brokers, a primary and a synchronous
+## standby), with broker-leader kills, rolling restarts, isolated brokers and failovers
+CLUSTER_FLAG := $(if $(filter 1 true yes,$(CLUSTER)),--cluster)
 chaos: .venv/.installed
-	$(WITH_STACK) OUTBOX_KAFKA_CLIENT=$(CLIENT) $(PY) -m tests.chaos.run --seed $(SEED) --duration $(DURATION) \
+	$(if $(CLUSTER_FLAG),$(WITH_CLUSTER),$(WITH_STACK)) OUTBOX_KAFKA_CLIENT=$(CLIENT) $(PY) -m tests.chaos.run --seed $(SEED) --duration $(DURATION) \
 		--min-faults-per-10min 50 $(if $(UNSAFE),--unsafe $(UNSAFE)) \
-		$(if $(filter 1 true yes,$(EXACTLY_ONCE)),--exactly-once)
+		$(if $(filter 1 true yes,$(EXACTLY_ONCE)),--exactly-once) $(CLUSTER_FLAG)
+
+## a two-minute chaos run on the cluster (not part of `make test`)
+chaos-cluster-short: .venv/.installed
+	$(WITH_CLUSTER) $(PY) -m tests.chaos.run --cluster --seed 1 --duration 120 \
+		--min-faults-per-10min 50
 
 stack-up:
 	$(STACK) up

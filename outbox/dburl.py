@@ -18,12 +18,31 @@ ENCODE_HINT = ("percent-encode special characters in the user name and password 
                "('@' as %40, ':' as %3A, '/' as %2F, '%' as %25)")
 
 
+# libpq's multi-host spelling: scheme://[userinfo@]host:port,host:port[/db][?query]
+_MULTI_HOST = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/?#]*@)?"
+                         r"(?P<hosts>[^/?#@]*,[^/?#@]*)(?P<path>/[^?#]*)?(?:\?(?P<query>.*))?$")
+
+
+def _sqlalchemy_hosts(url: str) -> str:
+    """libpq's `user@a:5432,b:5433/db` as SQLAlchemy spells it, `user@/db?host=a:5432&host=
+    b:5433` (make_url reads no host list in the authority); other URLs as they are."""
+    m = _MULTI_HOST.match(url) if isinstance(url, str) else None
+    if not m:
+        return url
+    hosts = "&".join(f"host={h}" for h in m["hosts"].split(",") if h)
+    query = f"{hosts}&{m['query']}" if m["query"] else hosts
+    return f"{m['scheme']}{m['user'] or ''}{m['path'] or '/'}?{query}"
+
+
 def parse(url: str) -> URL:
-    """The parsed URL, or a ConfigError saying what is wrong (without the URL's text)."""
+    """The parsed URL, or a ConfigError saying what is wrong (without the URL's text).
+
+    Several hosts (for a primary and its standbys, with `target_session_attrs=read-write`)
+    may be given either way libpq or SQLAlchemy spells them (see `libpq_url`)."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("the database URL is empty")
     try:
-        u = make_url(url)
+        u = make_url(_sqlalchemy_hosts(url))
     except Exception:  # ArgumentError, or ValueError on a bad port: both may quote it
         raise ConfigError(
             "cannot parse the database URL (not shown: it may hold a password); expected "
@@ -42,7 +61,7 @@ def sqlalchemy_url(url: str) -> str:
     Raises ConfigError for a URL that does not parse cleanly (see `parse`).
     """
     parse(url)
-    return _with_driver(url)
+    return _with_driver(_sqlalchemy_hosts(url))
 
 
 def _with_driver(url: str) -> str:
@@ -53,8 +72,21 @@ def _with_driver(url: str) -> str:
 
 
 def libpq_url(url: str) -> str:
-    """The same URL as psycopg/libpq takes it (no SQLAlchemy driver suffix)."""
-    return parse(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """The same URL as psycopg/libpq takes it (no SQLAlchemy driver suffix).
+
+    SQLAlchemy's host list (`?host=a:5432&host=b:5433`) becomes libpq's (`@a:5432,b:5433`):
+    libpq would keep only the last of repeated `host` parameters, and reads no port in
+    one. libpq then tries the hosts in order, keeping the first that suits
+    `target_session_attrs`."""
+    u = parse(url).set(drivername="postgresql")
+    hosts = u.query.get("host")
+    if not hosts or (isinstance(hosts, str) and (hosts.startswith("/") or ":" not in hosts)):
+        return u.render_as_string(hide_password=False)  # one host (or socket directory)
+    listed = ",".join([hosts] if isinstance(hosts, str) else hosts)
+    rest = u.difference_update_query(["host"]).render_as_string(hide_password=False)
+    scheme, _, tail = rest.partition("://")
+    user, at, path = tail.rpartition("@") if "@" in tail.split("/", 1)[0] else ("", "", tail)
+    return f"{scheme}://{user}{at}{listed}{path}"
 
 
 def require_postgresql(url: str, what: str) -> URL:

@@ -59,9 +59,9 @@ def namespace(db_url: str, table_prefix: str) -> str:
     """The default name of an outbox on a Kafka cluster, `<database>.<table prefix>`:
     its transactional ids and progress topic must not be shared with another outbox
     (one would fence the other, and read the other's progress)."""
-    from sqlalchemy.engine import make_url
+    from outbox.dburl import parse
 
-    name = f"{make_url(db_url).database or 'db'}.{table_prefix}"
+    name = f"{parse(db_url).database or 'db'}.{table_prefix}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200]
 
 

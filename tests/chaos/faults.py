@@ -47,15 +47,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import Outbox, _unsafe
 from outbox._faults import EXIT_CODE as CRASH_EXIT
-from tests.chaos.app import probe, race
+from tests.chaos.app import bump, probe, race, record
 from tests.chaos.proxy import (
     KAFKA_ADD_PARTITIONS_TO_TXN,
     KAFKA_END_TXN,
     KAFKA_PRODUCE,
+    ProxyGroup,
     TcpProxy,
     port_owners,
 )
@@ -69,7 +71,19 @@ RANDOM_KINDS = ("relay_kill", "consumer_kill", "relay_pause", "kafka_kill", "pg_
 WINDOW_KINDS = ("window_send_crash", "window_inflight_kill", "window_ack_crash",
                 "window_commit_crash", "window_inflight_stall", "window_order_race")
 KINDS = RANDOM_KINDS + WINDOW_KINDS
-SERVER_KINDS = ("kafka_kill", "pg_restart")  # held back while a window fault waits for them
+# On the cluster (scripts/stack --cluster): the broker that leads the most partitions is
+# killed instead of the only one, and brokers restart one by one, are cut off from
+# clients, and the PostgreSQL primary is killed and replaced by its standby.
+CLUSTER_RANDOM_KINDS = ("relay_kill", "consumer_kill", "relay_pause", "kafka_leader_kill",
+                        "kafka_rolling_restart", "broker_isolate", "pg_failover",
+                        "pg_restart", "net_cut", "net_blackhole", "net_latency")
+CLUSTER_KINDS = CLUSTER_RANDOM_KINDS + WINDOW_KINDS
+# Their floors per 600 s (issue 14's targets; the others keep the run's floor). A rolling
+# restart takes three broker restarts, a failover a promotion and a pg_rewind: fewer.
+CLUSTER_FLOORS_PER_10MIN = {"kafka_leader_kill": 30, "kafka_rolling_restart": 10,
+                            "pg_failover": 20, "broker_isolate": 30, "pg_restart": 10}
+# held back while a window fault waits for them
+SERVER_KINDS = ("kafka_kill", "pg_restart", "kafka_leader_kill", "pg_failover")
 
 # Seconds a fault of each kind is expected to take, until the run has measured it.
 PRIOR_SECONDS = {
@@ -77,7 +91,8 @@ PRIOR_SECONDS = {
     "pg_restart": 2.0, "net_cut": 1.0, "net_blackhole": 4.0, "net_latency": 4.0,
     "window_send_crash": 5.0, "window_inflight_kill": 2.5, "window_ack_crash": 5.0,
     "window_commit_crash": 6.0, "window_inflight_stall": LEASE + 4.0,
-    "window_order_race": 0.5,
+    "window_order_race": 0.5, "kafka_leader_kill": 8.0, "kafka_rolling_restart": 25.0,
+    "broker_isolate": 4.0, "pg_failover": 10.0,
 }
 
 # Window faults aim one at a time, each for a few seconds of calm: fewer of them.
@@ -249,19 +264,36 @@ class Supervisor:
         self._thread.join(5)
 
 
-def stack(*args: str) -> None:
-    subprocess.run([STACK, *args], check=True, timeout=180, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+def stack(*args: str, cluster: bool = False) -> str:
+    """Run scripts/stack (with --cluster: the cluster's commands); its standard output."""
+    done = subprocess.run([STACK, *(["--cluster"] if cluster else []), *args], timeout=180,
+                          capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise subprocess.CalledProcessError(done.returncode, f"stack {' '.join(args)}: {last}")
+    return done.stdout
 
 
 class Faults:
     """Every kind of fault, injected on demand: `inject(kind, rng)` -> (hit, detail)."""
 
-    def __init__(self, *, relays: list[Proc], consumers: list[Proc], kafka_proxy: TcpProxy,
-                 pg_proxy: TcpProxy, factory: sessionmaker[Session], topic: str,
+    def __init__(self, *, relays: list[Proc], consumers: list[Proc],
+                 kafka_proxy: TcpProxy | ProxyGroup, pg_proxy: TcpProxy | ProxyGroup,
+                 factory: sessionmaker[Session], topic: str,
                  unsafe: str | None, stop: threading.Event, trace: Path,
-                 exactly_once: bool = False) -> None:
+                 exactly_once: bool = False, broker_proxies: list[TcpProxy] | None = None,
+                 probe_factory: sessionmaker[Session] | None = None) -> None:
         self.relays, self.consumers = relays, consumers
+        # On the cluster: one proxy per broker, and sessions for measuring failovers
+        # (a new connection each, to whichever server is the primary).
+        self.cluster = broker_proxies is not None
+        self.broker_proxies = broker_proxies or []
+        self.probe_factory = probe_factory
+        self.failovers: list[dict[str, float]] = []
+        # A leader kill (kill, then start) and a rolling restart one at a time: a rolling
+        # restart begun between a kill and its start waits for full ISRs that only the
+        # start can give, while the start waits for the stack's lock the restart holds.
+        self.brokers_lock = threading.Lock()
         self.exactly_once = exactly_once
         # The requests that mean "a send in flight". A transactional relay first adds the
         # partitions to its transaction, then produces, then ends the transaction: a
@@ -274,7 +306,8 @@ class Faults:
         # owner's transaction is aborted): it needs the way open more often, and longer.
         self.let_through = (0.3, 1.0) if exactly_once else (1.0, 0.3)
         self.aim_seconds = 14.0 if exactly_once else 8.0
-        self.kafka_proxy, self.pg_proxy = kafka_proxy, pg_proxy
+        self.kafka_proxy: TcpProxy | ProxyGroup = kafka_proxy
+        self.pg_proxy: TcpProxy | ProxyGroup = pg_proxy
         self.proxies = [kafka_proxy, pg_proxy]
         self.factory, self.topic, self.unsafe = factory, topic, unsafe
         self.stop = stop  # set when the run ends: waiting faults give up
@@ -358,10 +391,120 @@ class Faults:
         return True, ""
 
     def pg_restart(self, rng: random.Random) -> tuple[bool, str]:
+        """PostgreSQL (on the cluster: the primary) restarted with -m immediate."""
         self.pg_up.clear()
-        stack("pg-restart", "-m", "immediate")
+        stack("pg-restart", "-m", "immediate", cluster=self.cluster)
         self.pg_up.set()
         return True, ""
+
+    # -- faults of the cluster ----------------------------------------------------------
+
+    def kafka_leader_kill(self, rng: random.Random) -> tuple[bool, str]:
+        """kill -9 the broker leading the most partitions; start it again at once (plus up
+        to 0.5 s)."""
+        with self.brokers_lock:
+            return self._kill_leader(rng)
+
+    def _kill_leader(self, rng: random.Random) -> tuple[bool, str]:
+        self.kafka_up.clear()
+        try:
+            node = stack("kafka-kill-leader", cluster=True).split()[-1]
+            time.sleep(rng.uniform(0, 0.5))
+            stack("kafka-start", node, cluster=True)
+        finally:
+            self.kafka_up.set()
+        return True, f"broker {node}"
+
+    def kafka_rolling_restart(self, rng: random.Random) -> tuple[bool, str]:
+        """Brokers 1, 2, 3 stopped (controlled shutdown) and started one at a time, each
+        once every partition is fully replicated again."""
+        with self.brokers_lock:
+            stack("kafka-rolling-restart", cluster=True)
+        return True, ""
+
+    def broker_isolate(self, rng: random.Random) -> tuple[bool, str]:
+        """One broker cut off from every client (the brokers still see each other)."""
+        proxy = rng.choice(self.broker_proxies)
+        return self._for_a_while(proxy, proxy.isolate, rng)
+
+    @staticmethod
+    def _for_a_while(proxy: TcpProxy | ProxyGroup, fault: Callable[[float], None],
+                     rng: random.Random) -> tuple[bool, str]:
+        """`fault(seconds)` on `proxy` for 2-6 s, and wait them out."""
+        seconds = rng.uniform(2, 6)
+        fault(seconds)
+        time.sleep(seconds)
+        return True, f"{proxy.name}: {seconds:.1f}s"
+
+    def pg_failover(self, rng: random.Random) -> tuple[bool, str]:
+        """kill -9 the primary, promote the standby, rebuild the old primary as standby
+        (scripts/stack --cluster pg-failover), measuring what it cost meanwhile."""
+        self.pg_up.clear()
+        failed: list[BaseException] = []
+        done = threading.Event()
+
+        def failover() -> None:
+            try:
+                stack("pg-failover", cluster=True)
+            except BaseException as exc:  # re-raised below, in the fault's thread
+                failed.append(exc)
+            finally:
+                done.set()
+
+        try:
+            old_port = int(stack("pg-primary", cluster=True).split()[1])
+            worker = threading.Thread(target=failover, daemon=True, name="pg-failover")
+            worker.start()
+            cost = self._failover_cost(old_port, done)
+            worker.join()
+        finally:
+            self.pg_up.set()
+        if failed:
+            raise failed[0]
+        self.failovers.append(cost)
+        return True, (f"writes refused {cost['writes_refused_s']:.1f}s, relay published "
+                      f"again after {cost['relay_publish_s']:.1f}s")
+
+    def _failover_cost(self, old_port: int, done: threading.Event) -> dict[str, float]:
+        """Write a probe event every 50 ms until one commits on the new primary; then wait
+        until the relays have published it. Times from the last commit on the old primary:
+        how long writes were refused, and how long until the relays published again."""
+        assert self.probe_factory is not None
+        self._races += 1
+        key = f"failover-{self._races}"
+        last_old = time.monotonic()
+        deadline = last_old + 150
+        while time.monotonic() < deadline:
+            try:
+                with self.probe_factory() as session, session.begin():
+                    port = session.execute(sa.text("SELECT inet_server_port()")).scalar_one()
+                    version = bump(session, key)
+                    record(session, self.box.publish(
+                        session, topic=self.topic, key=key, type="Bumped",
+                        payload={"k": key, "v": version, "probe": True}), version)
+                if port == old_port:
+                    last_old = time.monotonic()
+                    if done.is_set():
+                        raise RuntimeError("the failover ended with the old primary writing")
+                else:
+                    new_at = time.monotonic()
+                    break
+            except sa.exc.DBAPIError:
+                pass
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("no write committed on a new primary within 150 s")
+        while time.monotonic() < deadline:
+            with contextlib.suppress(sa.exc.DBAPIError), self.probe_factory() as session:
+                left = session.execute(sa.text(
+                    "SELECT count(*) FROM outbox_events WHERE key = :k"), {"k": key}).scalar_one()
+                if left == 0:
+                    break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"the relays did not publish {key} within 150 s")
+        return {"writes_refused_s": round(new_at - last_old, 2),
+                "relay_publish_s": round(time.monotonic() - last_old, 2)}
 
     def net_cut(self, rng: random.Random) -> tuple[bool, str]:
         proxy = rng.choice(self.proxies)
@@ -370,10 +513,7 @@ class Faults:
 
     def net_blackhole(self, rng: random.Random) -> tuple[bool, str]:
         proxy = rng.choice(self.proxies)
-        seconds = rng.uniform(2, 6)
-        proxy.blackhole(seconds)
-        time.sleep(seconds)
-        return True, f"{proxy.name}: {seconds:.1f}s"
+        return self._for_a_while(proxy, proxy.blackhole, rng)
 
     def net_latency(self, rng: random.Random) -> tuple[bool, str]:
         proxy = rng.choice(self.proxies)
@@ -537,7 +677,7 @@ class Faults:
                     other_since = None
                 continue
             by_pid = {p.pid: p for p in self.relays if p.pid is not None}
-            owners = port_owners(ports, self.kafka_proxy.listen_port, by_pid)
+            owners = port_owners(ports, self.kafka_proxy.listen_ports, by_pid)
             names = sorted({by_pid[pid].name for pid in owners.values()})
             seen = f"a send held from {names or 'no relay'}, all busy"
             for name in rng.sample(names, len(names)):

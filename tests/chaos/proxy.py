@@ -15,7 +15,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends a reset
 KAFKA_PRODUCE = 0  # the API key of a Kafka Produce request
@@ -33,6 +33,7 @@ class TcpProxy:
         self.target = ("127.0.0.1", target_port)
         self._server = socket.create_server(("127.0.0.1", listen_port), reuse_port=True)
         self.listen_port: int = self._server.getsockname()[1]  # listen_port, or the one given for 0
+        self.listen_ports = {self.listen_port}  # as ProxyGroup's
         self._server.settimeout(0.5)
         self._clients: dict[socket.socket, socket.socket] = {}  # client side -> upstream
         self._frames: dict[socket.socket, KafkaFrames] = {}  # client side -> its requests
@@ -62,6 +63,12 @@ class TcpProxy:
     def blackhole(self, seconds: float) -> None:
         """Hold every byte back for `seconds` (extends a blackhole already running)."""
         self.blackhole_until = max(self.blackhole_until, time.monotonic() + seconds)
+
+    def isolate(self, seconds: float) -> None:
+        """Cut the server off from clients for `seconds`, as a partition would: bytes of
+        open connections are held back (not lost), new connections are refused."""
+        self.blackhole(seconds)
+        self.refuse_until = max(self.refuse_until, time.monotonic() + seconds)
 
     def hold(self) -> None:
         """Hold every byte back until the matching release(); holds nest."""
@@ -202,17 +209,61 @@ def kafka_api_keys(data: bytes) -> list[int]:
     return keys
 
 
-def port_owners(ports: Iterable[int], remote_port: int, pids: Iterable[int]) -> dict[int, int]:
+class ProxyGroup:
+    """Several proxies (one per broker, or per PostgreSQL server) faulted as one: what the
+    harness does to "the Kafka proxy" it does to every broker's. `members` stay
+    reachable for faults aimed at one of them (isolating one broker)."""
+
+    def __init__(self, members: list[TcpProxy], name: str) -> None:
+        self.members, self.name = members, name
+        self.listen_ports = {p.listen_port for p in members}
+
+    def cut(self, refuse_for: float = 0.0) -> int:
+        return sum(p.cut(refuse_for) for p in self.members)
+
+    def blackhole(self, seconds: float) -> None:
+        self._each(TcpProxy.blackhole, seconds)
+
+    def hold(self) -> None:
+        self._each(TcpProxy.hold)
+
+    def release(self) -> None:
+        self._each(TcpProxy.release)
+
+    def slow(self, seconds: float) -> None:
+        self._each(TcpProxy.slow, seconds)
+
+    def heal(self) -> None:
+        self._each(TcpProxy.heal)
+
+    def close(self) -> None:
+        self._each(TcpProxy.close)
+
+    def _each(self, method: Callable[..., None], *args: float) -> None:
+        for p in self.members:
+            method(p, *args)
+
+    def held_kafka_requests(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for p in self.members:  # client ports are distinct across the members
+            out.update(p.held_kafka_requests())
+        return out
+
+
+def port_owners(ports: Iterable[int], remote_port: int | Iterable[int],
+                pids: Iterable[int]) -> dict[int, int]:
     """Which of `pids` owns the loopback TCP socket from each local port to `remote_port`
-    (Linux: /proc/net/tcp gives the socket's inode, /proc/PID/fd the process)."""
+    (or one of several) (Linux: /proc/net/tcp gives the socket's inode, /proc/PID/fd the
+    process)."""
+    remote = {remote_port} if isinstance(remote_port, int) else set(remote_port)
     wanted = set(ports)
     inodes: dict[str, int] = {}
     with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
-            local, remote = fields[1], fields[2]
+            local, peer = fields[1], fields[2]
             port = int(local.rsplit(":", 1)[1], 16)
-            if port in wanted and int(remote.rsplit(":", 1)[1], 16) == remote_port:
+            if port in wanted and int(peer.rsplit(":", 1)[1], 16) in remote:
                 inodes[f"socket:[{fields[9]}]"] = port
     owners: dict[int, int] = {}
     for pid in pids:

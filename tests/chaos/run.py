@@ -47,10 +47,11 @@ from tests.chaos import timeline
 from tests.chaos.app import DDL
 from tests.chaos.check import check, counts, load_committed, progress
 from tests.chaos.faults import (
+    CLUSTER_FLOORS_PER_10MIN,
+    CLUSTER_KINDS,
     KINDS,
     LEASE,
     PRIOR_SECONDS,
-    RANDOM_KINDS,
     ROOT,
     WINDOW_KINDS,
     WINDOW_NOMINAL_PER_10MIN,
@@ -60,12 +61,18 @@ from tests.chaos.faults import (
     Supervisor,
     stack,
 )
-from tests.chaos.proxy import TcpProxy
+from tests.chaos.proxy import ProxyGroup, TcpProxy
 from tests.chaos.schedule import KindSchedule, floor_for, target_for
 
 KAFKA_PROXIED_PORT = 9094  # the broker's PROXIED listener (scripts/kafka/server.properties)
 KAFKA_PROXY_PORT = 9095  # advertised for that listener: where this harness listens
 PG_PROXY_PORT = 25432
+# The cluster's (scripts/stack_cluster.sh): broker N's PROXIED listener is 19291+N, and it
+# advertises 19391+N, where this harness listens; PostgreSQL's two servers are proxied
+# from 25532/25533 (the single-node run's proxies, above, are left alone).
+CLUSTER_BROKERS = (1, 2, 3)
+CLUSTER_PG_PROXIES = {15432: 25532, 15433: 25533}
+DRAIN_LIMIT = 30.0  # seconds: on the cluster, the outbox must drain this soon after the faults
 __all__ = ["KINDS", "WINDOW_KINDS", "Report", "print_summary", "run"]
 
 
@@ -75,6 +82,8 @@ class Report:
     duration: float
     unsafe: str | None
     exactly_once: bool = False  # relays send in transactions; Kafka read read_committed
+    cluster: bool = False  # three brokers, a primary and a standby (scripts/stack --cluster)
+    failovers: list[dict[str, float]] = field(default_factory=list)  # what each one cost
     kinds: tuple[str, ...] = KINDS
     floors: dict[str, int] = field(default_factory=dict)  # the floor of each kind
     faults: Counter[str] = field(default_factory=Counter)  # faults that hit
@@ -105,7 +114,16 @@ class Report:
             "outbox_left": self.outbox_left,
             # exactly-once: a read_committed consumer must see no event twice
             "duplicates_delivered": self.duplicates_absorbed if self.exactly_once else 0,
+            # the cluster's target: drained within DRAIN_LIMIT s of the last fault
+            "slow_drain": int(self.cluster and (self.drain_seconds is None
+                                                or self.drain_seconds > DRAIN_LIMIT)),
         }.items() if v}
+
+    @property
+    def failover_cost(self) -> dict[str, dict[str, float]]:
+        """Mean and max over the failovers: writes refused, and relays publishing again."""
+        return {k: _stats([f[k] for f in self.failovers])
+                for k in ("writes_refused_s", "relay_publish_s")}
 
     @property
     def short_of_floor(self) -> list[str]:
@@ -114,7 +132,8 @@ class Report:
     def as_dict(self) -> dict[str, object]:
         return {
             "seed": self.seed, "duration": self.duration, "unsafe": self.unsafe,
-            "exactly_once": self.exactly_once,
+            "exactly_once": self.exactly_once, "cluster": self.cluster,
+            "failovers": self.failovers, "failover_cost": self.failover_cost,
             "floors": self.floors, "faults": {k: self.faults[k] for k in self.kinds},
             "missed": {k: self.missed[k] for k in self.kinds if self.missed[k]},
             "fault_seconds": {k: _stats(v) for k, v in self.fault_seconds.items()},
@@ -140,11 +159,13 @@ def _stats(seconds: list[float]) -> dict[str, float]:
 def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 3,
         consumers: int = 2, writers: int = 2, rate: float = 60.0, min_per_10min: int = 0,
         kinds: tuple[str, ...] = KINDS, log: Callable[[str], None] = print,
-        exactly_once: bool = False) -> Report:
+        exactly_once: bool = False, cluster: bool = False) -> Report:
     """Run the system under faults of `kinds` for `duration` seconds, then check it.
 
     With `min_per_10min`, each random kind has that floor per 600 s (pro rata) and each
-    window kind WINDOW_PER_10MIN (at least 1); the report says which fell short."""
+    window kind WINDOW_PER_10MIN (at least 1); the report says which fell short. With
+    `cluster`, on the topology of `scripts/stack --cluster` (its URLs in the environment),
+    with its faults (CLUSTER_KINDS; floors of CLUSTER_FLOORS_PER_10MIN for its own)."""
     if os.environ.get("OUTBOX_UNSAFE_DISABLE"):
         raise SystemExit("unset OUTBOX_UNSAFE_DISABLE: the harness itself must keep every "
                          "mechanism; choose one to remove with --unsafe")
@@ -153,11 +174,13 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
     run_id = f"{seed}-{uuid.uuid4().hex[:6]}"
     logs = ROOT / "reports" / f"chaos-{run_id}"
     logs.mkdir(parents=True, exist_ok=True)
+    per_10min = {k: CLUSTER_FLOORS_PER_10MIN.get(k, min_per_10min) if cluster else min_per_10min
+                 for k in kinds}
     floors = {k: 0 if not min_per_10min else
               max(1, floor_for(WINDOW_PER_10MIN, duration)) if k in WINDOW_KINDS else
-              floor_for(min_per_10min, duration) for k in kinds}
+              floor_for(per_10min[k], duration) for k in kinds}
     report = Report(seed=seed, duration=duration, unsafe=unsafe, kinds=kinds, floors=floors,
-                    exactly_once=exactly_once)
+                    exactly_once=exactly_once, cluster=cluster)
 
     db = "outbox_chaos"
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
@@ -165,20 +188,38 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         conn.execute(f'CREATE DATABASE "{db}"')
     url = make_url(admin_url).set(database=db)
     direct_url = url.render_as_string(hide_password=False)
-    proxied_url = url.set(host="127.0.0.1", port=PG_PROXY_PORT).render_as_string(
-        hide_password=False)
+    if cluster:  # every server, through its proxy; libpq keeps the one that takes writes
+        proxied_url = url.set(query={**url.query, "host": tuple(
+            f"127.0.0.1:{p}" for p in CLUSTER_PG_PROXIES.values())}).render_as_string(
+            hide_password=False)
+    else:
+        proxied_url = url.set(host="127.0.0.1", port=PG_PROXY_PORT).render_as_string(
+            hide_password=False)
     migrate.upgrade(direct_url)
     with psycopg.connect(libpq_url(direct_url), autocommit=True) as conn:
         for ddl in DDL:
             conn.execute(ddl)
     topic = f"chaos-{run_id}"
     admin = KafkaAdminClient(bootstrap_servers=kafka)
-    admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])
+    admin.create_topics([NewTopic(topic, num_partitions=6,
+                                  replication_factor=3 if cluster else 1)])
     admin.close()
 
-    pg_port = make_url(admin_url).port or 5432
-    kafka_proxy = TcpProxy(KAFKA_PROXY_PORT, KAFKA_PROXIED_PORT, "kafka", kafka=True)
-    pg_proxy = TcpProxy(PG_PROXY_PORT, pg_port, "postgres")
+    kafka_proxy: TcpProxy | ProxyGroup
+    pg_proxy: TcpProxy | ProxyGroup
+    broker_proxies: list[TcpProxy] | None = None
+    if cluster:
+        broker_proxies = [TcpProxy(19391 + n, 19291 + n, f"kafka-{n}", kafka=True)
+                          for n in CLUSTER_BROKERS]
+        kafka_proxy = ProxyGroup(broker_proxies, "kafka")
+        pg_proxy = ProxyGroup([TcpProxy(listen, port, f"postgres-{port}")
+                               for port, listen in CLUSTER_PG_PROXIES.items()], "postgres")
+        proxied_kafka = ",".join(f"127.0.0.1:{19391 + n}" for n in CLUSTER_BROKERS)
+    else:
+        pg_port = make_url(admin_url).port or 5432
+        kafka_proxy = TcpProxy(KAFKA_PROXY_PORT, KAFKA_PROXIED_PORT, "kafka", kafka=True)
+        pg_proxy = TcpProxy(PG_PROXY_PORT, pg_port, "postgres")
+        proxied_kafka = f"127.0.0.1:{KAFKA_PROXY_PORT}"
     proxies = [kafka_proxy, pg_proxy]
     base_env = {**os.environ, "PYTHONPATH": str(ROOT), "CHAOS_TOPIC": topic,
                 "CHAOS_GROUP": f"chaos-{run_id}", "OUTBOX_LOG_LEVEL": "INFO"}
@@ -205,7 +246,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                                               str(rate / writers), "--seed", str(seed * 10 + i)],
                              env_for("writer"), logs) for i in range(writers)]
         relay_procs = [Proc(f"relay-{i}", [py, "-m", "outbox.cli", "relay", "--db", proxied_url,
-                                            "--kafka", f"127.0.0.1:{KAFKA_PROXY_PORT}",
+                                            "--kafka", proxied_kafka,
                                             "--lease", str(LEASE), "--poll-interval", "0.5",
                                             # sends fail during a broker outage: retry paths run
                                             "--delivery-timeout-ms", "4000",
@@ -213,7 +254,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                             env_for("relay"), logs) for i in range(relays)]
         consumer_procs = [Proc(f"consumer-{i}", [py, "-m", "outbox.cli", "consume",
                                                   "tests.chaos.app:Effects", "--db", direct_url,
-                                                  "--kafka", f"127.0.0.1:{KAFKA_PROXY_PORT}",
+                                                  "--kafka", proxied_kafka,
                                                   "--session-timeout-ms", "6000"],
                                env_for("consumer"), logs) for i in range(consumers)]
         children += writer_procs + relay_procs + consumer_procs
@@ -225,10 +266,16 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         faults = Faults(relays=relay_procs, consumers=consumer_procs, kafka_proxy=kafka_proxy,
                         pg_proxy=pg_proxy, factory=sessionmaker(engine), topic=topic,
                         unsafe=unsafe, stop=stop, trace=logs / "faults.log",
-                        exactly_once=exactly_once)
+                        exactly_once=exactly_once, broker_proxies=broker_proxies,
+                        probe_factory=sessionmaker(sa.create_engine(
+                            direct_url, poolclass=sa.pool.NullPool, connect_args={
+                                "connect_timeout": 1,
+                                "options": "-c statement_timeout=5000"})) if cluster else None)
         lock = threading.Lock()
         targets = {k: target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN)
-                   if k in WINDOW_KINDS else target_for(floors[k], duration) for k in kinds}
+                   if k in WINDOW_KINDS else target_for(floors[k], duration, per_10min[k])
+                   if cluster and k in CLUSTER_FLOORS_PER_10MIN
+                   else target_for(floors[k], duration) for k in kinds}
         schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k]) for k in kinds}
         warned: set[str] = set()
         started = time.monotonic()
@@ -272,18 +319,22 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                             f"fault, {duration - elapsed():.0f} s left")
 
         log(f"chaos seed={seed} duration={duration:.0f}s unsafe={unsafe or '-'} logs={logs}")
-        for group in (RANDOM_KINDS, WINDOW_KINDS):
+        for group in (tuple(k for k in kinds if k not in WINDOW_KINDS), WINDOW_KINDS):
             chosen = [k for k in group if k in kinds]
             if not chosen:
                 continue
             k0 = chosen[0]
             floor = floors[k0]
-            log(f"  {'random' if group is RANDOM_KINDS else 'window'} faults: {targets[k0]} of "
+            log(f"  {'window' if group is WINDOW_KINDS else 'random'} faults: {targets[k0]} of "
                 f"each of {len(chosen)} kinds (a slot of {duration / targets[k0]:.1f} s)"
                 + (f"; floor {floor} each: feasible while a fault takes <= "
                    f"{duration / floor:.1f} s" if floor else ""))
+            own = [f"{k}: {targets[k]} (floor {floors[k]})" for k in chosen
+                   if targets[k] != targets[k0]]
+            if own:
+                log(f"  of their own: {', '.join(own)}")
             risky = [f"{k} (~{PRIOR_SECONDS[k]:.0f} s)" for k in chosen
-                     if floor and PRIOR_SECONDS[k] > duration / floor]
+                     if floors[k] and PRIOR_SECONDS[k] > duration / floors[k]]
             if risky:
                 log(f"  at risk of missing the floor: {', '.join(risky)}")
         threads = [threading.Thread(target=faults_of, args=(k,), daemon=True, name=k)
@@ -307,7 +358,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         # Heal everything, stop writing, let the system drain.
         for proxy in proxies:
             proxy.heal()
-        stack("up")
+        stack("up", cluster=cluster)
         for p in relay_procs + consumer_procs:
             p.ensure_running()
         for w in writer_procs:
@@ -335,6 +386,7 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         sampler.join(10)
         supervisor.stop()
         report.restarts = dict(supervisor.exits)
+        report.failovers = faults.failovers
         for p in relay_procs + consumer_procs:
             report.exits[p.name] = p.terminate()
         for proxy in proxies:
@@ -434,6 +486,13 @@ def print_summary(report: Report) -> None:
     ]
     for name, value in rows:
         table.add_row(name, str(value))
+    if report.cluster:
+        cost = report.failover_cost
+        for name, key in (("failover: writes refused", "writes_refused_s"),
+                          ("failover: until the relays published again", "relay_publish_s")):
+            st = cost[key]
+            table.add_row(name + " (mean / max)",
+                          f"{st['mean']} s / {st['max']} s" if st else "no failover")
     console = Console()
     console.print(faults)
     console.print(table)
@@ -455,20 +514,26 @@ def main() -> int:
     parser.add_argument("--min-faults-per-10min", type=int, default=0, metavar="N",
                         help="fail unless every kind of fault hit N times per 600 s of run "
                              "(pro rata, rounded down); the schedule aims above it")
-    parser.add_argument("--kinds", default=",".join(KINDS), metavar="KIND,...",
-                        help="only these kinds of fault (default: all)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="on the topology of `scripts/stack --cluster` (its URLs in the "
+                             "environment), with its faults; the outbox must drain within "
+                             f"{DRAIN_LIMIT:.0f} s")
+    parser.add_argument("--kinds", metavar="KIND,...",
+                        help="only these kinds of fault (default: all of the topology's)")
     args = parser.parse_args()
     if args.duration <= 0 or args.min_faults_per_10min < 0:
         parser.error("--duration must be positive and --min-faults-per-10min not negative")
-    kinds = tuple(k for k in KINDS if k in args.kinds.split(","))
-    unknown = set(args.kinds.split(",")) - set(KINDS)
+    known = CLUSTER_KINDS if args.cluster else KINDS
+    wanted = args.kinds.split(",") if args.kinds else list(known)
+    kinds = tuple(k for k in known if k in wanted)
+    unknown = set(wanted) - set(known)
     if unknown or not kinds:
-        parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+        parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(known)}")
     # Terminated, the run still kills its processes (run() cleans up on SystemExit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run(args.seed, args.duration, unsafe=args.unsafe,
                  min_per_10min=args.min_faults_per_10min, kinds=kinds,
-                 exactly_once=args.exactly_once)
+                 exactly_once=args.exactly_once, cluster=args.cluster)
     print_summary(report)
     out = ROOT / "reports" / f"chaos-seed{args.seed}.json"
     out.write_text(json.dumps(report.as_dict(), indent=2))

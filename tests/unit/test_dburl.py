@@ -62,3 +62,25 @@ def test_mask_text_masks_urls_and_dsn_passwords_but_not_other_words() -> None:
     assert "password=*** user=outbox" in masked
     assert "password=*** dbname=d" in masked
     assert mask_text("see https://sqlalche.me/e/20/e3q8") == "see https://sqlalche.me/e/20/e3q8"
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://app:p%40ss@/shop?host=db1:5432&host=db2:5433"
+    "&target_session_attrs=read-write",
+    "postgresql://app:p%40ss@db1:5432,db2:5433/shop?target_session_attrs=read-write",
+])
+def test_several_hosts_reach_libpq_as_a_host_list_and_sqlalchemy_as_host_params(
+        url: str) -> None:
+    # libpq keeps only the last of repeated host parameters: it must get one list.
+    assert libpq_url(url) == ("postgresql://app:p%40ss@db1:5432,db2:5433/shop"
+                              "?target_session_attrs=read-write")
+    assert sqlalchemy_url(url) == ("postgresql+psycopg://app:p%40ss@/shop?host=db1:5432"
+                                   "&host=db2:5433&target_session_attrs=read-write")
+    assert make_url(sqlalchemy_url(url)).query["host"] == ("db1:5432", "db2:5433")
+    assert "p%40ss" not in mask(url) and "***" in mask(url)
+
+
+def test_one_host_as_a_parameter_is_left_to_libpq() -> None:
+    assert libpq_url("postgresql://a@/db?host=/var/run/postgresql") == \
+        "postgresql://a@/db?host=%2Fvar%2Frun%2Fpostgresql"
+    assert libpq_url("postgresql://a@/db?host=db1") == "postgresql://a@/db?host=db1"
