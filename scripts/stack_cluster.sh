@@ -41,6 +41,7 @@ their own ports; state in $CSTATE (git-ignored).
   kafka-kill-leader    kill -9 the broker leading the most partitions; prints its id
   kafka-rolling-restart
                        restart brokers 1, 2, 3 one at a time, each after the ISRs are full
+  kafka-wait-isr       wait until no partition is under-replicated
   kafka-leader         print the id of the broker leading the most partitions
   pg-failover          kill -9 the primary, promote the standby, rebuild the old primary
                        as the new standby (pg_rewind, else a fresh base backup); returns
@@ -425,6 +426,7 @@ cluster_main() {
     kafka-kill-leader)
       n="$(ck_python most)" || die "cannot tell which broker leads the most partitions"
       ck_stop "$n" KILL; say "kafka: node $n (leading the most partitions) killed (SIGKILL)"; echo "$n" ;;
+    kafka-wait-isr) ck_wait_isr; say "kafka: every partition fully replicated" ;;
     kafka-rolling-restart)
       for n in "${CK_NODES[@]}"; do
         ck_wait_isr

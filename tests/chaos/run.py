@@ -84,6 +84,7 @@ class Report:
     exactly_once: bool = False  # relays send in transactions; Kafka read read_committed
     cluster: bool = False  # three brokers, a primary and a standby (scripts/stack --cluster)
     failovers: list[dict[str, float]] = field(default_factory=list)  # what each one cost
+    unpublished_failovers: int = 0
     kinds: tuple[str, ...] = KINDS
     floors: dict[str, int] = field(default_factory=dict)  # the floor of each kind
     faults: Counter[str] = field(default_factory=Counter)  # faults that hit
@@ -117,6 +118,8 @@ class Report:
             # the cluster's target: drained within DRAIN_LIMIT s of the last fault
             "slow_drain": int(self.cluster and (self.drain_seconds is None
                                                 or self.drain_seconds > DRAIN_LIMIT)),
+            # a failover after which the relays published nothing new within 150 s
+            "unpublished_failovers": self.unpublished_failovers,
         }.items() if v}
 
     @property
@@ -386,7 +389,9 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         sampler.join(10)
         supervisor.stop()
         report.restarts = dict(supervisor.exits)
+        faults.join_measurements()
         report.failovers = faults.failovers
+        report.unpublished_failovers = len(faults.unpublished_failovers)
         for p in relay_procs + consumer_procs:
             report.exits[p.name] = p.terminate()
         for proxy in proxies:
