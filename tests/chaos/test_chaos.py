@@ -26,9 +26,10 @@ def test_short_chaos_run_keeps_every_guarantee(exactly_once: bool) -> None:
     # The exactly-once run aims at the relay's crash windows only: the consumer's commit
     # window and the writers' order race do not change with the relay's mode, and the
     # run before covers them. Its windows take longer to aim (a relay that took shards
-    # over initializes a producer per shard first), so it runs longer too.
+    # over initializes a producer per shard first), so it runs longer too: in 120 s the
+    # last of the four hit at 116.6 s in a clean-clone CI run, too close to the end.
     kinds = RANDOM_KINDS + RELAY_WINDOWS if exactly_once else KINDS
-    report = run(seed=7, duration=120 if exactly_once else 70, exactly_once=exactly_once,
+    report = run(seed=7, duration=150 if exactly_once else 70, exactly_once=exactly_once,
                  kinds=kinds)
     print_summary(report)
     assert report.violations == {}, (report.violations, report.examples)
