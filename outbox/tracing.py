@@ -192,18 +192,18 @@ class Spans:
 
     def __init__(self, group: str) -> None:
         self.group = group
+        self._tracer = _tracer()  # once per batch, not per event
         self._open: list[ProcessSpan] = []
 
     def start(self, topic: str, partition: int, event_id: str,
               headers: Iterable[tuple[str, Any]] | None,
               outcome: str = "applied") -> ProcessSpan:
         """A child span of the context the event carries (no-op without a tracer)."""
-        tracer = _tracer()
-        if tracer is None:
+        if self._tracer is None:
             return _NO_SPAN
         from opentelemetry import trace
 
-        span = ProcessSpan(tracer.start_span(
+        span = ProcessSpan(self._tracer.start_span(
             f"process {topic}", context=_extract(headers or ()),
             kind=trace.SpanKind.CONSUMER,
             attributes={"messaging.system": "kafka", "messaging.operation.type": "process",

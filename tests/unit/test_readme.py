@@ -118,7 +118,7 @@ def test_markers_group_blocks() -> None:
     assert [(p.path, p.code) for p in found] == [("a.py", "x = 1\n\nprint(x)\n"),
                                                 ("b.py", "y = 2\n")]
     assert [p.is_test_module for p in found] == [False, False]
-    assert Program("t.py", ["def test_x() -> None:\n    assert True\n"]).is_test_module
+    assert Program("t.py", ["def test_x() -> None:\n    assert 2 + 2 == 4\n"]).is_test_module
     with pytest.raises(AssertionError, match="needs `<!-- file"):
         programs("```python\nz = 3\n```\n")
 
