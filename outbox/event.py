@@ -332,7 +332,8 @@ def format_time(value: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    """RFC 3339 (Python 3.11's fromisoformat reads the `Z` itself)."""
+    return datetime.fromisoformat(text)
 
 
 def from_record(
@@ -349,9 +350,9 @@ def from_record(
     Raises MalformedRecord (naming what is wrong) for records that carry no usable id or
     whose payload cannot be decoded, so a consumer can dead-letter them.
     """
-    hdrs: dict[str, bytes] = {}
-    for name, raw in headers:
-        hdrs[name] = raw if raw is not None else b""
+    hdrs: dict[str, bytes] = dict(headers)
+    if None in hdrs.values():  # kafka-python gives a header without a value as None
+        hdrs = {name: raw if raw is not None else b"" for name, raw in hdrs.items()}
     raw_id = hdrs.get(id_header)
     if not raw_id:
         raise MalformedRecord(f"record has no {id_header!r} header to take the event id from")
@@ -362,17 +363,20 @@ def from_record(
         # Foreign producers (e.g. Debezium's `id`) may use ids that are not UUIDs:
         # derive a stable UUID from the text so deduplication still works.
         event_id = uuid.uuid5(uuid.NAMESPACE_URL, raw_id.decode(errors="replace"))
-    content_type = hdrs.get("content-type", b"application/json").decode(errors="replace")
+    raw_type = hdrs.get("content-type")
+    content_type = "application/json" if raw_type is None else raw_type.decode(
+        errors="replace")
     data = value if value is not None else b""
     try:
         payload = decode(content_type, data)
     except Exception as exc:
         raise MalformedRecord(f"payload cannot be decoded as {content_type}: {exc}") from exc
+    raw_time = hdrs.get("ce_time")
     try:
-        occurred_at = parse_time(hdrs["ce_time"].decode()) if "ce_time" in hdrs else None
+        occurred_at = parse_time(raw_time.decode()) if raw_time is not None else None
     except ValueError as exc:
         raise MalformedRecord(f"ce_time header is not an RFC 3339 time: {exc}") from exc
-    user_headers: dict[str, HeaderValue] = {
+    user_headers: dict[str, HeaderValue] = {} if hdrs.keys() <= _RESERVED_HEADERS else {
         name: raw for name, raw in hdrs.items() if name not in _RESERVED_HEADERS
     }
     return Event(

@@ -102,10 +102,19 @@ class BytesSerializer:
 
 def decode(content_type: str, data: bytes) -> Any:
     """Decode a record's value by its content type (JSON, else the raw bytes)."""
-    base = content_type.split(";", 1)[0].strip().lower()
-    if base == "application/json" or base.endswith("+json"):
-        return json.loads(data)
+    is_json = _JSON_TYPES.get(content_type)
+    if is_json is None:
+        base = content_type.split(";", 1)[0].strip().lower()
+        is_json = base == "application/json" or base.endswith("+json")
+        if len(_JSON_TYPES) < 256:  # a consumer meets a few types: remember them
+            _JSON_TYPES[content_type] = is_json
+    if is_json:
+        # json.loads on bytes first guesses their encoding in Python; UTF-8 is JSON's
+        return json.loads(data.decode() if isinstance(data, bytes) else data)
     return data
+
+
+_JSON_TYPES: dict[str, bool] = {}
 
 
 def encode_headers(headers: Mapping[str, str | bytes]) -> dict[str, Any] | None:

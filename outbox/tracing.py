@@ -195,7 +195,7 @@ class Spans:
         self._tracer = _tracer()  # once per batch, not per event
         self._open: list[ProcessSpan] = []
 
-    def start(self, topic: str, partition: int, event_id: str,
+    def start(self, topic: str, partition: int, event_id: object,
               headers: Iterable[tuple[str, Any]] | None,
               outcome: str = "applied") -> ProcessSpan:
         """A child span of the context the event carries (no-op without a tracer)."""
@@ -210,7 +210,7 @@ class Spans:
                         "messaging.operation.name": "process",
                         "messaging.destination.name": topic,
                         "messaging.destination.partition.id": str(partition),
-                        "messaging.message.id": event_id,
+                        "messaging.message.id": str(event_id),
                         "messaging.consumer.group.name": self.group}))
         span.outcome = outcome
         self._open.append(span)

@@ -164,7 +164,7 @@ class _Batch:
 
     def _span(self, record: Record, event: Event, outcome: str = "applied"
               ) -> tracing.ProcessSpan:
-        return self.spans.start(record.topic, record.partition, str(event.id),
+        return self.spans.start(record.topic, record.partition, event.id,
                                 record.headers, outcome)
 
     def _batch(self, batch: list[tuple[Record, Event]]) -> None:

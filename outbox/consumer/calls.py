@@ -44,6 +44,7 @@ class HandlerTimeout(TimeoutError):
 #: handler did to them, and the AsyncSession an async handler is given.
 _OWNED = "outbox.consumer.owned"
 _MISUSE = "outbox.consumer.misuse"
+_GUARDED = "outbox.consumer.guarded"
 ASYNC_SESSION = "outbox.consumer.async_session"
 
 
@@ -62,9 +63,11 @@ def _note_end(session: Session, transaction: SessionTransaction) -> None:
 
 
 def _guard(session: Session) -> None:
-    if not sa.event.contains(session, "before_commit", _refuse_commit):
-        sa.event.listen(session, "before_commit", _refuse_commit)
-        sa.event.listen(session, "after_transaction_end", _note_end)
+    if _GUARDED not in session.info:  # cheaper than asking SQLAlchemy's event registry
+        if not sa.event.contains(session, "before_commit", _refuse_commit):
+            sa.event.listen(session, "before_commit", _refuse_commit)
+            sa.event.listen(session, "after_transaction_end", _note_end)
+        session.info[_GUARDED] = True
 
 
 @dataclass

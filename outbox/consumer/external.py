@@ -51,19 +51,19 @@ class ExternalApplier(Applier):
                         po.dead.append(DeadLetter(tp, record, REASON_MALFORMED, str(event)))
                         break  # the rest of the partition waits for the copy
                     if event.id in seen:
-                        spans.start(tp.topic, tp.partition, str(event.id), record.headers,
+                        spans.start(tp.topic, tp.partition, event.id, record.headers,
                                     "duplicate")
                         out.duplicates += 1
                         po.next_offset = record.offset + 1
                         continue
                     prior = priors.get(event.id)
                     if prior is not None and self.retries.exhausted(prior.attempts):
-                        spans.start(tp.topic, tp.partition, str(event.id), record.headers,
+                        spans.start(tp.topic, tp.partition, event.id, record.headers,
                                     "dead_lettered")
                         po.dead.append(DeadLetter(tp, record, REASON_FAILED,
                                                   prior.error or "failed before", event.id))
                         break
-                    span = spans.start(tp.topic, tp.partition, str(event.id),
+                    span = spans.start(tp.topic, tp.partition, event.id,
                                        record.headers)
                     if not self._one(tp, record, event, prior, dedupe, seen, out, span):
                         break

@@ -41,23 +41,29 @@ class PostgresInbox:
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
         ib, at = tables.inbox.name, tables.attempts.name
-        # Sorted ids: two consumers claiming overlapping ids lock them in one order. A
-        # concurrent claim of the same id waits for the other transaction, then finds
-        # the id processed (it committed) or claims it (it rolled back).
+        # The INSERT takes the ids sorted: two consumers claiming overlapping ids lock
+        # them in one order. A concurrent claim of the same id waits for the other
+        # transaction, then finds the id processed (it committed) or claims it (it rolled
+        # back). Only the exceptions come back: the ids that were processed before
+        # (`new` false) and the new ones that earlier attempts left a record of. In the
+        # common batch neither exists, so nothing crosses the wire but the ids once.
         self._claim = (
             f"WITH claimed AS (INSERT INTO {ib} (consumer_group, event_id, processed_at) "
-            "SELECT %(group)s, id, now() FROM unnest(%(ids)s::uuid[]) AS u(id) ORDER BY id "
+            "SELECT %(group)s, id, now() FROM unnest(%(ids)b::uuid[]) AS u(id) ORDER BY id "
             "ON CONFLICT DO NOTHING RETURNING event_id) "
-            "SELECT c.event_id, a.attempts, a.last_error FROM claimed c "
-            f"LEFT JOIN {at} a ON a.consumer_group = %(group)s AND a.event_id = c.event_id")
+            "SELECT false, u.id, 0, NULL FROM unnest(%(ids)b::uuid[]) AS u(id) "
+            "WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.event_id = u.id) "
+            "UNION ALL "
+            "SELECT true, c.event_id, a.attempts, a.last_error FROM claimed c "
+            f"JOIN {at} a ON a.consumer_group = %(group)s AND a.event_id = c.event_id")
         self._unclaim = (f"DELETE FROM {ib} WHERE consumer_group = %(group)s "
-                         "AND event_id = ANY(%(ids)s::uuid[])")
+                         "AND event_id = ANY(%(ids)b::uuid[])")
         self._seen = (f"SELECT event_id FROM {ib} WHERE consumer_group = %(group)s "
-                      "AND event_id = ANY(%(ids)s::uuid[])")
+                      "AND event_id = ANY(%(ids)b::uuid[])")
         self._priors = (f"SELECT event_id, attempts, last_error FROM {at} "
-                        "WHERE consumer_group = %(group)s AND event_id = ANY(%(ids)s::uuid[])")
+                        "WHERE consumer_group = %(group)s AND event_id = ANY(%(ids)b::uuid[])")
         self._mark = (f"INSERT INTO {ib} (consumer_group, event_id, processed_at) "
-                      "SELECT %(group)s, id, now() FROM unnest(%(ids)s::uuid[]) AS u(id) "
+                      "SELECT %(group)s, id, now() FROM unnest(%(ids)b::uuid[]) AS u(id) "
                       "ORDER BY id ON CONFLICT DO NOTHING RETURNING event_id")
         self._attempt = (
             f"INSERT INTO {at} AS a (consumer_group, event_id, attempts, last_error, "
@@ -66,7 +72,7 @@ class PostgresInbox:
             "attempts = a.attempts + %(n)s, last_error = EXCLUDED.last_error, "
             "updated_at = now() RETURNING attempts")
         self._forget = (f"DELETE FROM {at} WHERE consumer_group = %(group)s "
-                        "AND event_id = ANY(%(ids)s::uuid[])")
+                        "AND event_id = ANY(%(ids)b::uuid[])")
         self._purge = {
             name: f"DELETE FROM {t} WHERE consumer_group = %(group)s AND event_id IN ("
                   f"SELECT event_id FROM {t} WHERE consumer_group = %(group)s "
@@ -81,8 +87,15 @@ class PostgresInbox:
               ) -> dict[uuid.UUID, Prior | None]:
         """Insert the batch's dedupe records in one statement: the ids returned are new
         (with what earlier attempts left, if anything); the others were processed."""
-        rows = conn.exec_driver_sql(self._claim, {"group": group, "ids": self._ids(ids)})
-        return {r[0]: (Prior(r[1], r[2]) if r[1] is not None else None) for r in rows}
+        rows = conn.exec_driver_sql(self._claim, {"group": group, "ids": list(ids)})
+        seen: set[uuid.UUID] = set()
+        priors: dict[uuid.UUID, Prior] = {}
+        for new, event_id, attempts, error in rows:
+            if new:
+                priors[event_id] = Prior(attempts, error)
+            else:
+                seen.add(event_id)
+        return {i: priors.get(i) for i in ids if i not in seen}
 
     def unclaim(self, conn: sa.Connection, group: str, ids: Sequence[uuid.UUID]) -> None:
         """Remove the dedupe records of events the batch did not finish."""

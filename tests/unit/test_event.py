@@ -48,6 +48,27 @@ def test_record_with_undecodable_json_is_malformed() -> None:
         from_record(topic="t", key=b"k", value=b"not json", headers=hdrs, decode=decode)
 
 
+def test_a_header_without_a_value_reads_as_empty_bytes() -> None:
+    """kafka-python hands a header sent without a value as None."""
+    eid = uuid7()
+    hdrs = [("ce_id", str(eid).encode()), ("trace", None), ("tenant", b"a")]
+    e = from_record(topic="t", key=b"k", value=b"{}", headers=hdrs,  # type: ignore[list-item]
+                    decode=decode)
+    assert e.id == eid and e.headers == {"trace": b"", "tenant": b"a"}
+
+
+@pytest.mark.parametrize(("content_type", "data", "payload"), [
+    ("application/json", b'{"a":1}', {"a": 1}),
+    ("Application/JSON; charset=utf-8", b'{"a":1}', {"a": 1}),
+    ("application/cloudevents+json", b"[1]", [1]),
+    ("text/plain", b"hi", b"hi"),
+    ("text/plain", b"again", b"again"),  # the remembered answer, asked again
+    ("application/json", b'"\u00fc"', "\u00fc"),
+])
+def test_decode_by_content_type(content_type: str, data: bytes, payload: object) -> None:
+    assert decode(content_type, data) == payload
+
+
 def test_foreign_id_header_gives_a_stable_uuid() -> None:
     hdrs = [("id", b"dbz-123")]
     a = from_record(topic="t", key=None, value=b"{}", headers=hdrs, decode=decode, id_header="id")
