@@ -21,7 +21,7 @@ from benchmarks.common import Result, env, machine, scale
 
 #: The story's order: throughput against the ceilings, then backlog, write path,
 #: latency, and the consumer; any other bench_*.py after them.
-ORDER = ["relay", "backlog", "write", "latency", "exactly_once", "consumer", "restart"]
+ORDER = ["relay", "backlog", "write", "latency", "exactly_once", "consumer", "e2e", "restart"]
 
 
 def available() -> list[str]:

@@ -145,58 +145,83 @@ def latency_relay(url: str, kafka: str, client: str, acked: dict[str, float],
         progress=KafkaProgressLog(settings, progress_topic(namespace(url, "outbox"))))
 
 
+class PacedWriter:
+    """Writer threads committing `rate` events/s (PER_TX[rate] per transaction) through
+    `@box.transactional`, as service code does. `committed` maps each event id to
+    `clock()` when its commit returned; `started`/`ended` bound the run."""
+
+    def __init__(self, url: str, topic: str, rate: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.url, self.topic, self.rate, self.clock = url, topic, rate, clock
+        self.committed: dict[str, float] = {}
+        self.started = self.ended = 0.0
+
+    def run(self) -> None:
+        writers, per = WRITERS[self.rate], PER_TX[self.rate]
+        tx_rate = self.rate / per
+        total = int(tx_rate * (WARMUP + SECONDS))
+        engine = sa.create_engine(self.url, pool_size=writers)
+        box = Outbox(notify="auto")
+        topic, clock, committed = self.topic, self.clock, self.committed
+
+        @box.transactional(sessionmaker(engine))
+        def write(session: Session, j: int) -> list[str]:
+            return [str(box.publish(session, topic=topic, key=key(i), type="OrderPlaced",
+                                    payload={"id": i, "amount": 42, "currency": "EUR"}).id)
+                    for i in range(j * per, (j + 1) * per)]
+
+        def writer(w: int, started: float) -> None:
+            for j in range(w, total, writers):
+                delay = started + j / tx_rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                eids = write(j)
+                now = clock()
+                for eid in eids:
+                    committed[eid] = now
+
+        try:
+            started = time.monotonic()
+            self.started = clock()
+            threads = [threading.Thread(target=writer, args=(w, started))
+                       for w in range(writers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self.ended = clock()
+        finally:
+            engine.dispose()
+
+    def counted(self) -> dict[str, float]:
+        """The events committed after the warm-up, with their commit times."""
+        return {e: t for e, t in self.committed.items() if t >= self.started + WARMUP}
+
+    def reached(self) -> float:
+        """The rate the writers reached after the warm-up, events/s."""
+        return len(self.counted()) / (self.ended - self.started - WARMUP)
+
+
 def measure(url: str, kafka: str, topic: str, client: str, rate: int,
             exactly_once: bool = False) -> tuple[list[float], float, int]:
     """(latencies in ms of the counted events, the rate reached, events not acked)."""
     acked: dict[str, float] = {}
     relay = latency_relay(url, kafka, client, acked, exactly_once)
     runner = threading.Thread(target=relay.run, name="relay")
-    writers = WRITERS[rate]
-    engine = sa.create_engine(url, pool_size=writers)
-    box = Outbox(notify="auto")
-    factory = sessionmaker(engine)
-    committed: dict[str, float] = {}
-    per = PER_TX[rate]
-    tx_rate = rate / per
-    total = int(tx_rate * (WARMUP + SECONDS))
-
-    @box.transactional(factory)
-    def write(session: Session, j: int) -> list[str]:
-        return [str(box.publish(session, topic=topic, key=key(i), type="OrderPlaced",
-                                payload={"id": i, "amount": 42, "currency": "EUR"}).id)
-                for i in range(j * per, (j + 1) * per)]
-
-    def writer(w: int, started: float) -> None:
-        for j in range(w, total, writers):
-            delay = started + j / tx_rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            eids = write(j)
-            now = time.monotonic()
-            for eid in eids:
-                committed[eid] = now
-
+    writes = PacedWriter(url, topic, rate)
     runner.start()
     try:
         time.sleep(3)  # the relay takes its shards and falls asleep
-        started = time.monotonic()
-        threads = [threading.Thread(target=writer, args=(w, started)) for w in range(writers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        ended = time.monotonic()
-        deadline = ended + 30
-        while len(acked) < len(committed) and time.monotonic() < deadline:
+        writes.run()
+        deadline = time.monotonic() + 30
+        while len(acked) < len(writes.committed) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         relay.stop()
         runner.join(30)
-        engine.dispose()
-    counted = {e: t for e, t in committed.items() if t >= started + WARMUP}
+    counted = writes.counted()
     latencies = [(acked[e] - t) * 1000 for e, t in counted.items() if e in acked]
-    reached = len(counted) / (ended - started - WARMUP)
-    return latencies, reached, len(counted) - len(latencies)
+    return latencies, writes.reached(), len(counted) - len(latencies)
 
 
 def run(db_url: str, kafka: str) -> list[Result]:
