@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 TRACEPARENT = "traceparent"
@@ -145,13 +145,13 @@ class ProcessSpan:
         self.outcome = "applied"
         self.error: BaseException | None = None
 
-    @contextmanager
-    def current(self) -> Iterator[None]:
+    def current(self) -> AbstractContextManager[None]:
         """Make it the current span while the handler runs: the handler's own spans,
         and the events it publishes, then belong to this trace."""
-        if self._span is None:
-            yield
-            return
+        return _NOTHING if self._span is None else self._current()
+
+    @contextmanager
+    def _current(self) -> Iterator[None]:
         from opentelemetry import trace
 
         with trace.use_span(self._span, end_on_exit=False, record_exception=False,
@@ -179,6 +179,7 @@ class _NoSpan(ProcessSpan):
         return None
 
 
+_NOTHING: AbstractContextManager[None] = nullcontext()  # reusable, shared
 _NO_SPAN = _NoSpan.__new__(_NoSpan)
 object.__setattr__(_NO_SPAN, "_span", None)
 object.__setattr__(_NO_SPAN, "outcome", "applied")

@@ -63,7 +63,7 @@ def test_a_header_without_a_value_reads_as_empty_bytes() -> None:
     ("application/cloudevents+json", b"[1]", [1]),
     ("text/plain", b"hi", b"hi"),
     ("text/plain", b"again", b"again"),  # the remembered answer, asked again
-    ("application/json", b'"\u00fc"', "\u00fc"),
+    ("application/json", b'"\\u00fc"', "\u00fc"),  # a JSON escape
 ])
 def test_decode_by_content_type(content_type: str, data: bytes, payload: object) -> None:
     assert decode(content_type, data) == payload
