@@ -1,6 +1,6 @@
 """`make bench` (python -m benchmarks [NAME...]): run the benchmarks, print one table of
 every figure beside its ceiling (measured in the same run) and the issue's target,
-write reports/bench.json and the plots (reports/throughput.png, reports/latency.png).
+write reports/bench.json and the plots (reports/throughput.png, latency.png, e2e.png).
 
 Each bench_NAME.py module has `run(db_url, kafka) -> list[Result]`. Environment:
 BENCH_STORAGE=0 skips the 3-cycle storage part of `backlog`; BENCH_SCALE=0.02 shrinks

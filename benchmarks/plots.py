@@ -1,13 +1,15 @@
-"""The two pictures of `make bench` (matplotlib, the `plots` extra):
+"""The pictures of `make bench` (matplotlib, the `plots` extra):
 
 - throughput.png: every rate beside the ceiling it is compared to, with the ratio and
   the issue's target, one panel per benchmark;
-- latency.png: the commit-to-ack latency CDF of each client at each rate.
+- latency.png: the commit-to-ack latency CDF of each client at each rate;
+- e2e.png: the commit-to-effect latency CDF of each client and handler style.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import Result
@@ -65,40 +67,57 @@ def throughput(results: list[Result], path: Path) -> Path | None:
 
 
 def latency(results: list[Result], path: Path) -> Path | None:
+    """Commit to Kafka's ack: each client at each rate (dashed: 5,000/s)."""
+    return _cdf(results, path, "commit-to-ack",
+                lambda label: "-" if ", 1,000/s" in label else "--",
+                [(10, "10 ms: the p99 target\n(confluent, 1,000/s)")],
+                "Commit-to-ack latency: one relay woken by NOTIFY, writers in the same "
+                "process")
+
+
+def effect(results: list[Result], path: Path) -> Path | None:
+    """Commit to the consumer's effect (dashed: one statement per event)."""
+    return _cdf(results, path, "commit-to-effect",
+                lambda label: "--" if "execute" in label else "-",
+                [(20, "20 ms: the p50 target"), (100, "100 ms: the p99 target")],
+                "Commit to effect at 1,000/s: outbox relay and outbox consume processes, "
+                "writers in a third")
+
+
+def _cdf(results: list[Result], path: Path, prefix: str, style: Callable[[str], str],
+         targets: list[tuple[float, str]], title: str) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    series = [r for r in results if r.samples]
+    series = [r for r in results if r.samples and r.name.startswith(prefix)]
     if not series:
         return None
     colours = {"kafka-python": "#ff7f0e", "confluent": "#1f77b4"}
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for r in series:
         samples = np.sort(np.asarray(r.samples))
-        label = r.name.removesuffix(", p50").removeprefix("commit-to-ack, ")
+        label = r.name.removesuffix(", p50").removeprefix(f"{prefix}, ")
         client = label.split(",")[0]
-        style = "-" if ", 1,000/s" in label else "--"
         p99 = samples[min(len(samples) - 1, int(0.99 * len(samples)))]
         reached = re.search(r"reached ([\d,]+/s)", r.note)
         if reached:
             label += f" (reached {reached.group(1)})"
         ax.plot(samples, np.arange(1, len(samples) + 1) / len(samples),
-                color=colours.get(client, "#2ca02c"), linestyle=style,
+                color=colours.get(client, "#2ca02c"), linestyle=style(label),
                 label=f"{label}: p50 {np.median(samples):.1f} ms, p99 {p99:.1f} ms")
-    ax.axvline(10, color="#d62728", linewidth=0.8, linestyle=":")
-    ax.text(10, 0.55, " 10 ms: the p99 target\n (confluent, 1,000/s)", fontsize=7,
-            color="#d62728")
+    for at, text in targets:
+        ax.axvline(at, color="#d62728", linewidth=0.8, linestyle=":")
+        ax.text(at, 0.55, f" {text}".replace("\n", "\n "), fontsize=7, color="#d62728")
     ax.axhline(0.99, color="#888888", linewidth=0.6, linestyle=":")
     ax.set_xscale("log")
     ax.text(ax.get_xlim()[0], 0.985, " p99", fontsize=7, color="#888888", va="top")
-    ax.set_xlabel("commit-to-ack latency (ms, log scale)")
+    ax.set_xlabel(f"{prefix} latency (ms, log scale)")
     ax.set_ylabel("fraction of events")
     ax.set_ylim(0, 1.01)
-    ax.set_title("Commit-to-ack latency: one relay woken by NOTIFY, writers in the same "
-                 "process", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right", framealpha=0.95)
     fig.tight_layout()
@@ -108,11 +127,12 @@ def latency(results: list[Result], path: Path) -> Path | None:
 
 
 def write(results: list[Result], out: Path) -> list[Path]:
-    """Both plots into `out`; an empty list (and a hint) without matplotlib."""
+    """The plots into `out`; an empty list (and a hint) without matplotlib."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print("no plots: matplotlib is missing (pip install 'transactional-outbox[plots]')")
         return []
-    made = [throughput(results, out / "throughput.png"), latency(results, out / "latency.png")]
+    made = [throughput(results, out / "throughput.png"), latency(results, out / "latency.png"),
+            effect(results, out / "e2e.png")]
     return [p for p in made if p is not None]
