@@ -109,8 +109,11 @@ def main() -> int:
            "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafka}
     relay = Service("relay", ["relay", "--poll-interval", "0.5"], env, logs / "relay.log")
     # A short session timeout lets Kafka move a killed consumer's partitions within seconds.
+    # static membership: the restarted consumer takes its partitions back at once,
+    # without waiting out the killed one's session
     consumer = Service("consumer", ["consume", "examples.orders.projector:OrderProjector",
-                                    "--session-timeout-ms", "6000"],
+                                    "--session-timeout-ms", "6000",
+                                    "--group-instance-id", f"order-projector-{run_id}"],
                        env, logs / "consumer.log")
 
     committed: dict[str, float] = {}  # request id -> commit time (epoch seconds)
