@@ -109,8 +109,14 @@ def decode(content_type: str, data: bytes) -> Any:
         if len(_JSON_TYPES) < 256:  # a consumer meets a few types: remember them
             _JSON_TYPES[content_type] = is_json
     if is_json:
-        # json.loads on bytes first guesses their encoding in Python; UTF-8 is JSON's
-        return json.loads(data.decode() if isinstance(data, bytes) else data)
+        # json.loads on bytes first guesses their encoding in Python: try UTF-8, JSON's
+        # own, directly, and leave the guessing (UTF-16 or -32) to the rare rest
+        if isinstance(data, bytes):
+            try:
+                return json.loads(data.decode())
+            except UnicodeDecodeError:
+                pass
+        return json.loads(data)
     return data
 
 

@@ -64,6 +64,7 @@ def test_a_header_without_a_value_reads_as_empty_bytes() -> None:
     ("text/plain", b"hi", b"hi"),
     ("text/plain", b"again", b"again"),  # the remembered answer, asked again
     ("application/json", b'"\\u00fc"', "\u00fc"),  # a JSON escape
+    ("application/json", '{"a": "\u00fc"}'.encode("utf-16"), {"a": "\u00fc"}),  # not UTF-8
 ])
 def test_decode_by_content_type(content_type: str, data: bytes, payload: object) -> None:
     assert decode(content_type, data) == payload
