@@ -129,15 +129,17 @@ def measure(url: str, kafka: str, topic: str, client: str, handler: str = "Appli
     return split, writes.reached(), len(counted) - len(done)
 
 
-#: The handler's two ways of writing its row: one statement per event, or the ORM's.
-HANDLERS = {"Applied": "1 execute per event", "AppliedOrm": "ORM add"}
+#: The handler's two ways of writing its row, and when its stamp is taken.
+HANDLERS = {"Applied": ("1 execute per event", "stamped at the handler's INSERT, before "
+                        "the batch's commit"),
+            "AppliedOrm": ("ORM add", "stamped at the flush, just before the commit")}
 
 
 def run(db_url: str, kafka: str) -> list[Result]:
     results = []
     with topics(kafka) as new:
         for client in CLIENTS:
-            for handler, how in HANDLERS.items():
+            for handler, (how, stamp) in HANDLERS.items():
                 with database(db_url) as url:
                     (latencies, relay, consumer), reached, missing = measure(
                         url, kafka, new("e2e"), client, handler)
@@ -145,7 +147,7 @@ def run(db_url: str, kafka: str) -> list[Result]:
                                   f"{percentile(v, 99):.1f} ms" for what, v in
                                   (("commit to send", relay), ("send to effect", consumer))
                                   if v)
-                note = (f"relay + consumer processes, both {client}; {parts}; reached "
+                note = (f"relay + consumer processes, both {client}; {stamp}; {parts}; reached "
                         f"{reached:,.0f}/s, {PER_TX[RATE]} per tx, {WRITERS[RATE]} writer "
                         f"threads, {len(latencies):,} events")
                 if missing:

@@ -332,8 +332,7 @@ def format_time(value: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """RFC 3339 (Python 3.11's fromisoformat reads the `Z` itself)."""
-    return datetime.fromisoformat(text)
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def from_record(

@@ -106,15 +106,16 @@ def decode(content_type: str, data: bytes) -> Any:
     if is_json is None:
         base = content_type.split(";", 1)[0].strip().lower()
         is_json = base == "application/json" or base.endswith("+json")
-        if len(_JSON_TYPES) < 256:  # a consumer meets a few types: remember them
+        if len(_JSON_TYPES) < 256 and len(content_type) <= 100:  # the few a consumer meets
             _JSON_TYPES[content_type] = is_json
     if is_json:
-        # json.loads on bytes first guesses their encoding in Python: try UTF-8, JSON's
-        # own, directly, and leave the guessing (UTF-16 or -32) to the rare rest
+        # json.loads on bytes first guesses their encoding in Python: try plain UTF-8,
+        # JSON's own, directly; anything it does not parse (a BOM, UTF-16 or -32, or bad
+        # JSON) goes to json.loads as it always did, which decides
         if isinstance(data, bytes):
             try:
                 return json.loads(data.decode())
-            except UnicodeDecodeError:
+            except ValueError:
                 pass
         return json.loads(data)
     return data

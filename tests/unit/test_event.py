@@ -64,10 +64,20 @@ def test_a_header_without_a_value_reads_as_empty_bytes() -> None:
     ("text/plain", b"hi", b"hi"),
     ("text/plain", b"again", b"again"),  # the remembered answer, asked again
     ("application/json", b'"\\u00fc"', "\u00fc"),  # a JSON escape
-    ("application/json", '{"a": "\u00fc"}'.encode("utf-16"), {"a": "\u00fc"}),  # not UTF-8
+    # not plain UTF-8: json.loads guesses the encoding, as it always did
+    ("application/json", '{"a": "\u00fc"}'.encode("utf-16"), {"a": "\u00fc"}),
+    ("application/json", '{"a": 1}'.encode("utf-16-le"), {"a": 1}),  # no BOM: valid UTF-8
+    ("application/json", '{"a": 1}'.encode("utf-16-be"), {"a": 1}),
+    ("application/json", "[1]".encode("utf-32-le"), [1]),
+    ("application/json", b'\xef\xbb\xbf{"a":1}', {"a": 1}),  # UTF-8 with a BOM
 ])
 def test_decode_by_content_type(content_type: str, data: bytes, payload: object) -> None:
     assert decode(content_type, data) == payload
+
+
+def test_bad_json_still_raises() -> None:
+    with pytest.raises(ValueError):
+        decode("application/json", b'{"a": ')
 
 
 def test_foreign_id_header_gives_a_stable_uuid() -> None:
