@@ -45,19 +45,15 @@ from benchmarks.common import Result, database, record, sized, topics
 from outbox import Event, IdempotentConsumer, _unsafe
 from outbox.confluent import producer_config
 from outbox.consumer import ConsumerRunner
+from outbox.consumer.inbox import PostgresInbox
 from outbox.publisher import KafkaSettings
+from outbox.schema import tables
 
 EVENTS = sized(100_000)
 POLL_BATCH = 1_000  # records per poll (and per transaction), for every consumer here
 TIMEOUT = 300.0
 _SINK = sa.text("INSERT INTO bench_sink (event_id, i) VALUES (:id, :i)")
-# the runner's claim (outbox/consumer/inbox.py) without the attempts: the ids as one
-# binary array, inserted sorted; only the ids seen before come back
-_SEEN = ("WITH claimed AS (INSERT INTO bench_seen (event_id) "
-         "SELECT id FROM unnest(%(ids)b::uuid[]) AS u(id) ORDER BY id "
-         "ON CONFLICT DO NOTHING RETURNING event_id) "
-         "SELECT u.id FROM unnest(%(ids)b::uuid[]) AS u(id) "
-         "WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.event_id = u.id)")
+_INBOX = PostgresInbox(tables)
 Row = dict[str, Any]
 
 
@@ -108,17 +104,16 @@ def _sink(url: str, per_event: bool = False, dedupe: bool = False
           ) -> Iterator[Callable[[list[Row]], None]]:
     """`apply(rows)`: one transaction, one executemany (the engine connects lazily, as
     the runner's does). `per_event`: one execute per row instead. `dedupe`: first the
-    batch's ids into `bench_seen` in one statement, as the runner's claim does, and
+    runner's own claim of the batch's ids (PostgresInbox.claim, one statement), and
     only the new ones written (what that deduplication costs a hand-rolled consumer)."""
     engine = sa.create_engine(url)
 
     def apply(rows: list[Row]) -> None:
         with engine.begin() as conn:
             if dedupe:
-                seen = {r[0] for r in conn.exec_driver_sql(
-                    _SEEN, {"ids": [r["id"] for r in rows]})}
-                if seen:
-                    rows = [r for r in rows if r["id"] not in seen]
+                new = _INBOX.claim(conn, "hand-rolled", [r["id"] for r in rows])
+                if len(new) < len(rows):
+                    rows = [r for r in rows if r["id"] in new]
             if per_event:
                 for r in rows:
                     conn.execute(_SINK, r)
@@ -277,7 +272,7 @@ def runner_rate(url: str, kafka: str, consumer: IdempotentConsumer, client: str,
 
 def _reset(engine: sa.Engine) -> None:
     with engine.begin() as c:
-        c.execute(sa.text("TRUNCATE bench_sink, bench_seen, outbox_inbox, outbox_attempts"))
+        c.execute(sa.text("TRUNCATE bench_sink, outbox_inbox, outbox_attempts"))
 
 
 def _check(engine: sa.Engine, what: str, rows: int) -> None:
@@ -296,7 +291,6 @@ def run(db_url: str, kafka: str) -> list[Result]:
             with engine.begin() as c:
                 c.execute(sa.text("CREATE TABLE bench_sink (event_id uuid PRIMARY KEY, "
                                   "i bigint NOT NULL)"))
-                c.execute(sa.text("CREATE TABLE bench_seen (event_id uuid PRIMARY KEY)"))
 
             def measure(what: str, rows: int, rate: Callable[[], float]) -> float:
                 _reset(engine)
