@@ -95,6 +95,9 @@ PRIOR_SECONDS = {
     "broker_isolate": 4.0, "pg_failover": 10.0,
 }
 
+# How long a window fault may wait for its servers before it gives up (Faults._aim).
+AIM_LIMIT = 18.0
+
 # Window faults aim one at a time, each for a few seconds of calm: fewer of them.
 WINDOW_PER_10MIN = 5  # the floor for each window kind (pro rata, at least 1 per run)
 WINDOW_NOMINAL_PER_10MIN = 6
@@ -650,7 +653,7 @@ class Faults:
     @contextlib.contextmanager
     def _aim(self, *servers: threading.Event) -> Iterator[bool]:
         """Take a turn, wait until `servers` are up (holding back new server faults after
-        8 s), then aim (see Gate). Yields False if that takes over 18 s."""
+        8 s), then aim (see Gate). Yields False if that takes over AIM_LIMIT (18 s)."""
 
         def ready() -> bool:
             return all(s.is_set() for s in servers) and not self.gate.servers_faulted

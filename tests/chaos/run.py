@@ -47,6 +47,7 @@ from tests.chaos import timeline
 from tests.chaos.app import DDL
 from tests.chaos.check import check, counts, load_committed, progress
 from tests.chaos.faults import (
+    AIM_LIMIT,
     CLUSTER_FLOORS_PER_10MIN,
     CLUSTER_KINDS,
     KINDS,
@@ -279,7 +280,9 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                    if k in WINDOW_KINDS else target_for(floors[k], duration, per_10min[k])
                    if cluster and k in CLUSTER_FLOORS_PER_10MIN
                    else target_for(floors[k], duration) for k in kinds}
-        schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k]) for k in kinds}
+        schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k],
+                                     miss=AIM_LIMIT if k in WINDOW_KINDS else 0.0)
+                     for k in kinds}
         warned: set[str] = set()
         started = time.monotonic()
         started_wall = time.time()

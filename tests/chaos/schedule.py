@@ -9,8 +9,9 @@ that ran long shrinks the later slots instead of pushing faults past the end, so
 target is met whenever each fault takes no longer than the run's length divided by the
 target. A fault that missed its window (a crash point not reached, no send in flight)
 does not count; the next slot starts at once, the rest spread over what is left. The
-last fault a kind still needs starts early enough for one more attempt to fit, so a
-short run whose single window fault misses still gets its hit.
+last fault a kind still needs starts early enough for one more attempt to fit after a
+miss (which may take as long as the aim's limit, longer than a quick hit), so a short
+run whose single window fault misses still gets its hit.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class KindSchedule:
     duration: float
     target: int
     prior: float  # how long a fault of this kind is expected to take, before we know
+    miss: float = 0.0  # how long an attempt may wait before it gives up (a window's aim)
     done: int = 0
     missed: int = 0
     durations: list[float] = field(default_factory=list)
@@ -59,7 +61,8 @@ class KindSchedule:
         else:
             length = self.duration / self.target  # past the target: the nominal pace
         self._slot_end = start + length
-        room = self.expected * (2 if self.target - self.done == 1 else 1)
+        room = self.expected + (max(self.expected, self.miss)
+                                if self.target - self.done == 1 else 0.0)
         return start - now + max(0.0, length - room) * u
 
     def finished(self, seconds: float, hit: bool) -> None:
