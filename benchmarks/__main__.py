@@ -2,13 +2,15 @@
 every figure beside its ceiling (measured in the same run) and the issue's target,
 write reports/bench.json and the plots (reports/throughput.png, latency.png, e2e.png).
 
-Each bench_NAME.py module has `run(db_url, kafka) -> list[Result]`. Environment:
+Each bench_NAME.py module has `run(db_url, kafka) -> list[Result]`, and GC_TUNED = False
+if it measures application code rather than a worker (see `collector`). Environment:
 BENCH_STORAGE=0 skips the 3-cycle storage part of `backlog`; BENCH_SCALE=0.02 shrinks
 every size and duration for a quick check of the benchmarks themselves.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import pkgutil
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from benchmarks import plots
 from benchmarks.common import Result, env, machine, scale
+from outbox import gctune
 
 #: The story's order: throughput against the ceilings, then backlog, write path,
 #: latency, and the consumer; any other bench_*.py after them.
@@ -47,6 +50,21 @@ def table(results: list[Result]) -> str:
     return "\n".join([head, "-" * len(head), *(row(r) for r in results)])
 
 
+def collector(tuned: bool) -> None:
+    """The relay and consumer run in this process as `outbox relay` and `outbox consume`
+    run them, with the collector tuned (outbox.gctune), and so do the raw clients they
+    are compared with; a benchmark of application code (GC_TUNED = False: the write
+    path) gets the interpreter's defaults, as an application has them."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+    gc.set_threshold(*_DEFAULT_GC)
+    if tuned:
+        gctune.tune()
+
+
+_DEFAULT_GC = gc.get_threshold()
+
+
 def main(argv: list[str]) -> int:
     db_url, kafka = env()
     names = argv or available()
@@ -63,7 +81,10 @@ def main(argv: list[str]) -> int:
     for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         started = time.monotonic()
-        print(f"== {name}", flush=True)
+        tuned = getattr(module, "GC_TUNED", True)
+        collector(tuned)
+        print(f"== {name}" + ("" if tuned else " (the interpreter's default collector "
+                              "settings: it measures application code)"), flush=True)
         try:
             got = module.run(db_url, kafka)
         except Exception as exc:  # one broken benchmark must not cost the others' figures

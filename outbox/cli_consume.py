@@ -9,7 +9,15 @@ import sys
 import click
 
 from outbox import cli as base
-from outbox.cli import kafka_option, main, metrics_host_option, pg_db_option, prefix_option
+from outbox import gctune
+from outbox.cli import (
+    gc_option,
+    kafka_option,
+    main,
+    metrics_host_option,
+    pg_db_option,
+    prefix_option,
+)
 from outbox.errors import ConfigError
 
 log = logging.getLogger("outbox.cli")
@@ -55,11 +63,12 @@ log = logging.getLogger("outbox.cli")
 @click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", default=None, show_envvar=True,
               type=click.IntRange(1, 65535), help="Serve /metrics and /healthz on this port.")
 @metrics_host_option
+@gc_option
 def consume(target: str, db_url: str, kafka: str, table_prefix: str, group_id: str | None,
             max_poll_records: int, session_timeout_ms: int | None, client: str,
             kafka_options: tuple[str, ...], group_instance_id: str | None,
             handler_timeout: float, idle_tx_timeout: float, shutdown_grace: float,
-            metrics_port: int | None, metrics_host: str) -> None:
+            metrics_port: int | None, metrics_host: str, gc_tuning: bool) -> None:
     """Run an idempotent consumer, TARGET = package.module:ClassName, until SIGTERM.
 
     TARGET is an IdempotentConsumer subclass or a function decorated with @consumer(...);
@@ -101,6 +110,8 @@ def consume(target: str, db_url: str, kafka: str, table_prefix: str, group_id: s
     if metrics_port:
         base._serve_metrics(metrics_port, metrics_host, registry, runner.healthy)
     runner.install_signal_handlers()
+    if gc_tuning:
+        gctune.tune()
     from outbox.errors import OutboxError
 
     try:

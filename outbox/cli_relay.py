@@ -9,7 +9,15 @@ from typing import Any
 import click
 
 from outbox import cli as base
-from outbox.cli import kafka_option, main, metrics_host_option, pg_db_option, prefix_option
+from outbox import gctune
+from outbox.cli import (
+    gc_option,
+    kafka_option,
+    main,
+    metrics_host_option,
+    pg_db_option,
+    prefix_option,
+)
 from outbox.errors import ConfigError
 
 log = logging.getLogger("outbox.cli")
@@ -70,13 +78,14 @@ log = logging.getLogger("outbox.cli")
               help="With --exactly-once: names the Kafka transactional ids "
                    "(outbox-NAME-shard-N) and the progress topic (outbox-NAME-progress); "
                    "unique per outbox on a Kafka cluster. Default: DATABASE.PREFIX.")
+@gc_option
 def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, batch_size: int,
           poll_interval: float, lease_seconds: float, max_attempts: int,
           retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
           delivery_timeout_ms: int, compression: str | None, metrics_port: int | None,
           metrics_host: str, relay_id: str | None, client: str,
           kafka_options: tuple[str, ...], exactly_once: bool,
-          txn_namespace: str | None) -> None:
+          txn_namespace: str | None, gc_tuning: bool) -> None:
     """Run a relay worker: publish the outbox to Kafka until SIGTERM."""
     from outbox.metrics import RelayMetrics
     from outbox.publisher import KafkaSettings, make_publisher, parse_options
@@ -124,7 +133,8 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
     if metrics_port:
         base._serve_metrics(metrics_port, metrics_host, registry, worker.healthy)
     worker.install_signal_handlers()
-
+    if gc_tuning:
+        gctune.tune()
     try:
         worker.run()
     except ConfigError as exc:

@@ -16,7 +16,7 @@ from outbox.errors import ConfigError
 from tests.unit.test_consumer import DB, Projector
 
 #: flag parameter -> the runner keyword it becomes (None: the CLI's own)
-CLI_ONLY = {"target", "metrics_port", "metrics_host"}
+CLI_ONLY = {"target", "metrics_port", "metrics_host", "gc_tuning"}
 RENAMED = {"kafka_options": "kafka_config"}
 VALUES = {
     "OUTBOX_CONSUMER": "tests.unit.test_consumer:on_order",
@@ -24,6 +24,7 @@ VALUES = {
     "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9",
     "OUTBOX_TABLE_PREFIX": "box",
     "OUTBOX_GROUP_ID": "env-group",
+    "OUTBOX_GC_TUNING": "false",
     "OUTBOX_MAX_POLL_RECORDS": "42",
     "OUTBOX_KAFKA_SESSION_TIMEOUT_MS": "6000",
     "OUTBOX_KAFKA_CLIENT": "confluent",
