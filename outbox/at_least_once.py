@@ -22,7 +22,7 @@ from outbox.cursors import Cursors
 from outbox.producer_slot import ProducerSlot
 from outbox.publisher import Publisher
 from outbox.sending import Sender, Sent, Settled
-from outbox.store import Claim
+from outbox.store import Claim, Row
 
 log = logging.getLogger("outbox.relay")
 
@@ -58,23 +58,32 @@ class AtLeastOnce:
                  per_shard: int, naive: bool) -> Settled:
         """Send the claim (and, pipelined, the next one of shards it filled), settle."""
         started = time.monotonic()
-        first = self.sender.send(conn, publisher, claim.rows)
+        # Shards whose claim came back full may hold more worth sending now. Their next
+        # claim is sent first, in a pipeline: PostgreSQL runs it while this sends the
+        # first batch, which leaves the database untouched (reading earlier changes
+        # nothing the claim relies on). It is read after.
+        snapshot = claim.snapshot
+        full = [] if naive or snapshot is None else _full(claim.rows, per_shard)
+        if full and snapshot is not None:
+            last = {row.shard: row.position for row in claim.rows}
+            with conn.pipeline():
+                pending = self.cursors.send_next(conn, full, per_shard, last, snapshot)
+                first = self.sender.send(conn, publisher, claim.rows)
+                pipelined = self.cursors.next_claimed(pending)
+        else:
+            first = self.sender.send(conn, publisher, claim.rows)
         if not first:
             return Settled()
         crash_point("relay.after_send")
         second: Sent = []
-        if not naive and claim.snapshot is not None:
-            last: dict[int, int] = {}
-            counts: Counter[int] = Counter()
-            for row, _ in first:
-                last[row.shard] = row.position
-                counts[row.shard] += 1
-            # Only shards whose whole claim was sent may hold more worth sending now.
-            more = [s for s, n in counts.items() if n == per_shard]
-            if more:
-                pipelined = self.cursors.claim_next(conn, more, per_shard, last,
-                                                    claim.snapshot)
-                second = self.sender.send(conn, publisher, pipelined.rows)
+        if full:
+            # Only shards whose whole claim was sent go on: one whose head waits for a
+            # retry or was refused at once stops there, as it does within a batch.
+            counts = Counter(row.shard for row, _ in first)
+            go_on = {s for s in full if counts[s] == per_shard}
+            rows = [row for row in pipelined.rows if row.shard in go_on]
+            if rows:
+                second = self.sender.send(conn, publisher, rows)
         out = Settled(sent=len(first) + len(second))
         halted: set[int] = set()
         for batch in (first, second):
@@ -113,3 +122,14 @@ class AtLeastOnce:
         settled = self.sender.settle(conn, batch, isolated, halted)
         self.cursors.acked(settled.heads)
         return settled
+
+
+def _full(rows: list[Row], per_shard: int) -> list[int]:
+    """Shards the claim filled (`per_shard` rows), none of them waiting for a retry."""
+    counts: Counter[int] = Counter()
+    waiting: set[int] = set()
+    for row in rows:
+        counts[row.shard] += 1
+        if row.backing_off:
+            waiting.add(row.shard)
+    return [s for s, n in counts.items() if n == per_shard and s not in waiting]

@@ -40,8 +40,17 @@ class Cursors:
                    last: dict[int, int], snapshot: str) -> Claim:
         """The pipelined claim past the events just sent (`last` per shard), checked
         against the first claim's `snapshot` (Store.claim_next)."""
-        claim = self.store.claim_next(conn, shards, per_shard, [last[s] for s in shards],
-                                      snapshot)
+        return self.next_claimed(self.send_next(conn, shards, per_shard, last, snapshot))
+
+    def send_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
+                  last: dict[int, int], snapshot: str) -> Any:
+        """claim_next's statement, sent; inside `conn.pipeline()` it runs while the
+        caller works. `next_claimed()` reads it."""
+        return self.store.send_claim_next(conn, shards, per_shard, [last[s] for s in shards],
+                                          snapshot)
+
+    def next_claimed(self, cur: Any) -> Claim:
+        claim = self.store.claimed(cur)
         if claim.from_cursor:
             self.since = claim.snapshot
         return claim

@@ -273,9 +273,21 @@ class Store:
                    after: list[int], since: str) -> Claim:
         """Each shard's next events past `after` (its last event in flight, claimed in
         snapshot `since`); nothing at all unless that is safe, as in claim()."""
-        return _claimed(conn.execute(self._claim_next, {
+        return _claimed(self.send_claim_next(conn, shards, per_shard, after, since))
+
+    def send_claim_next(self, conn: psycopg.Connection[Any], shards: list[int],
+                        per_shard: int, after: list[int], since: str) -> Any:
+        """claim_next's statement, executed; its cursor for `claimed()`. Inside
+        `conn.pipeline()` this returns without waiting: PostgreSQL runs the claim while
+        the relay sends the events before it."""
+        return conn.execute(self._claim_next, {
             "shards": shards, "per_shard": per_shard, "after": after, "since": since},
-            binary=True))
+            binary=True)
+
+    @staticmethod
+    def claimed(cur: Any) -> Claim:
+        """The Claim a cursor of send_claim_next holds (waits for it in a pipeline)."""
+        return _claimed(cur)
 
     def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
         """The naive claim, for fault injection only (`OUTBOX_UNSAFE_DISABLE=shards`):

@@ -120,7 +120,7 @@ def test_the_pipelined_claim_never_passes_a_late_commit(
     with _Paused(engine, box, key, "first") as late:
         for i in range(3):  # the shard's slice is 1 event: a full slice, so it pipelines
             _publish(engine, box, other, f"x{i}")
-        store_next = Store.claim_next
+        store_next = Store.send_claim_next
 
         def commit_late_first(self: Store, *args: object, **kwargs: object) -> object:
             late.go.set()  # the late transaction commits between the two claims
@@ -129,7 +129,7 @@ def test_the_pipelined_claim_never_passes_a_late_commit(
             return store_next(self, *args, **kwargs)  # type: ignore[arg-type]
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(Store, "claim_next", commit_late_first)
+            mp.setattr(Store, "send_claim_next", commit_late_first)
             r.step(wait=False)
     _run_until_idle(r)
     assert _types(publisher, key) == ["first", "second"]
