@@ -2,7 +2,17 @@
 
 Its settings are what make a lost relay harmless: `idle_session_timeout` ends the
 session of a relay paused past its lease (and with it its shard locks); the statement
-timeout bounds a statement stuck on a lock. LISTEN is how writers wake it early."""
+timeout bounds a statement stuck on a lock. LISTEN is how writers wake it early.
+
+Without --exactly-once, its commits do not wait for the WAL flush
+(`synchronous_commit = off`). What it commits is the bookkeeping of events Kafka already
+has: deletes, marks, attempts, dead letters. If PostgreSQL crashes, it loses at most the
+last fraction of a second of those commits, and only a suffix of them (the WAL is
+flushed in order). Those events are pending again and are sent again, in order: the
+same as a relay that dies between Kafka's acknowledgement and its delete, which
+at-least-once delivery allows. The exactly-once relay keeps the flush: it begins a
+shard's next transaction only once the previous one's rows are durably deleted, so
+that the shard's last progress record names every row Kafka may hold twice."""
 
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ def open_session(config: RelayConfig, relay_id: str,
         lease_ms = int(config.lease_seconds * 1000)
         conn.execute(f"SET idle_session_timeout = {lease_ms}")
         conn.execute(f"SET statement_timeout = {max(lease_ms, 30000)}")
+        if not config.exactly_once:
+            conn.execute("SET synchronous_commit = off")
         conn.execute(f'LISTEN "{store.t.channel}"')
         num_shards = store.shard_count(conn)
         shardcount.mismatch(config.num_shards, num_shards, "the relay")

@@ -8,6 +8,7 @@ prefix (schema.validate_prefix), so formatting them in is safe.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -89,6 +90,13 @@ def _rows(cur: Any) -> list[Row]:
     return out
 
 
+def array_literal(values: Iterable[int | str]) -> str:
+    """A PostgreSQL array literal of integers or uuid texts (no quoting needed), for a
+    parameter cast to int8[] or uuid[]: psycopg adapts a list element by element in
+    Python, which cost the relay about 0.5 µs per acknowledged event; this is one join."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 class Store:
     """The SQL of one outbox (one table prefix)."""
 
@@ -120,14 +128,14 @@ class Store:
             f"SELECT {CLAIM_COLUMNS}, false FROM {ev} WHERE published_at IS NULL "
             "ORDER BY position LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
         )
-        self._delete = f"DELETE FROM {ev} WHERE position = ANY(%(positions)s)"
+        self._delete = f"DELETE FROM {ev} WHERE position = ANY(%(positions)s::int8[])"
         exact = ("(position, event_id) IN (SELECT * FROM unnest(%(positions)s::bigint[], "
                  "%(ids)s::uuid[]))")
         self._delete_exact = f"DELETE FROM {ev} WHERE {exact}"
         self._mark_exact = (f"UPDATE {ev} SET published_at = now() WHERE {exact} "
                             "AND published_at IS NULL")
         self._mark = (
-            f"UPDATE {ev} SET published_at = now() WHERE position = ANY(%(positions)s) "
+            f"UPDATE {ev} SET published_at = now() WHERE position = ANY(%(positions)s::int8[]) "
             "AND published_at IS NULL"
         )
         self._purge = (
@@ -303,15 +311,15 @@ class Store:
         """Published: delete the rows (or, with retention, mark them for a later purge).
         Returns how many were pending."""
         return conn.execute(self._mark if keep else self._delete,
-                            {"positions": positions}).rowcount
+                            {"positions": array_literal(positions)}).rowcount
 
     def acknowledge_exact(self, conn: psycopg.Connection[Any], done: list[tuple[int, str]],
                           keep: bool) -> int:
         """`acknowledge` the rows that are still these (position, event id) pairs; a
         row of the same position with another event id is not one of them."""
         return conn.execute(self._mark_exact if keep else self._delete_exact,
-                            {"positions": [p for p, _ in done],
-                             "ids": [i for _, i in done]}).rowcount
+                            {"positions": array_literal(p for p, _ in done),
+                             "ids": array_literal(i for _, i in done)}).rowcount
 
     def purge_published(self, conn: psycopg.Connection[Any], age_seconds: float,
                         limit: int) -> int:

@@ -192,3 +192,24 @@ def test_a_stuck_producer_is_replaced_and_nothing_is_lost(
     for r in publisher.records:
         seen[r.key.decode()].append(dict(r.headers)["ce_id"].decode())
     assert dict(seen) == dict(per_key)
+
+
+def test_only_the_at_least_once_relay_commits_without_waiting_for_the_flush(
+    db_url: str
+) -> None:
+    """Its commits are bookkeeping that a crash may only undo as a suffix (sent again,
+    allowed); the exactly-once relay's deletes must be durable before the shard's next
+    transaction (outbox.relay_session)."""
+    from outbox.relay_session import open_session
+    from outbox.store import Store
+
+    seen = {}
+    for exactly_once in (False, True):
+        conn, _ = open_session(RelayConfig(db_url=db_url, exactly_once=exactly_once),
+                               "test", Store(tables))
+        try:
+            row = conn.execute("SHOW synchronous_commit").fetchone()
+            seen[exactly_once] = row[0] if row else None
+        finally:
+            conn.close()
+    assert seen == {False: "off", True: "on"}
