@@ -1,6 +1,7 @@
 """The default relay round (at least once): claim a batch over the owned shards, send
 it, and while Kafka works on it claim and send the next events of the shards that have
-more (when that is safe: Store.claim_next); then settle both, in order (outbox.sending).
+more (when that is safe: Store.claim_next); settle each batch in order (outbox.sending)
+while the next is in flight, up to MAX_BATCHES a round.
 A shard with a suspect head has that head sent alone first (Sender.suspects).
 
 The relay (outbox.relay) owns the loop, the session and the shards; this is what one
@@ -25,6 +26,10 @@ from outbox.sending import Sender, Sent, Settled
 from outbox.store import Claim, Row
 
 log = logging.getLogger("outbox.relay")
+
+#: Batches one round may send: each after the first is claimed while the one before is
+#: in flight. The round then returns, so the relay's own chores are not kept waiting.
+MAX_BATCHES = 8
 
 
 class AtLeastOnce:
@@ -56,48 +61,75 @@ class AtLeastOnce:
 
     def _publish(self, conn: psycopg.Connection[Any], publisher: Publisher, claim: Claim,
                  per_shard: int, naive: bool) -> Settled:
-        """Send the claim (and, pipelined, the next one of shards it filled), settle."""
+        """Send the claim, then keep a window of two batches in flight: the next events
+        of the shards that filled their slice are claimed (pipelined, see `_send`) and
+        sent while Kafka acknowledges the batch before, which is then settled. Up to
+        MAX_BATCHES per round; the window closes at the first failure, and the rest is
+        settled in order."""
         started = time.monotonic()
-        # Shards whose claim came back full may hold more worth sending now. Their next
-        # claim is sent first, in a pipeline: PostgreSQL runs it while this sends the
-        # first batch, which leaves the database untouched (reading earlier changes
-        # nothing the claim relies on). It is read after.
-        snapshot = claim.snapshot
-        full = [] if naive or snapshot is None else _full(claim.rows, per_shard)
-        if full and snapshot is not None:
-            last = {row.shard: row.position for row in claim.rows}
-            with conn.pipeline():
-                pending = self.cursors.send_next(conn, full, per_shard, last, snapshot)
-                first = self.sender.send(conn, publisher, claim.rows)
-                pipelined = self.cursors.next_claimed(pending)
-        else:
-            first = self.sender.send(conn, publisher, claim.rows)
+        first, nxt = (self._send(conn, publisher, claim, per_shard, []) if not naive else
+                      (self.sender.send(conn, publisher, claim.rows), None))
         if not first:
             return Settled()
         crash_point("relay.after_send")
-        second: Sent = []
-        if full:
-            # Only shards whose whole claim was sent go on: one whose head waits for a
-            # retry or was refused at once stops there, as it does within a batch.
-            counts = Counter(row.shard for row, _ in first)
-            go_on = {s for s in full if counts[s] == per_shard}
-            rows = [row for row in pipelined.rows if row.shard in go_on]
-            if rows:
-                second = self.sender.send(conn, publisher, rows)
-        out = Settled(sent=len(first) + len(second))
+        out = Settled(sent=len(first))
         halted: set[int] = set()
-        for batch in (first, second):
-            if batch:
-                settled = self._settle(conn, publisher, batch, set(), halted)
-                out.acked += settled.acked
-                out.broken |= settled.broken
+        window = [first]
+        batches = 1
+        acked: list[int] = []  # acknowledged, deleted before the next claim (see _send)
+        while window:
+            if nxt is not None and nxt.rows and batches < MAX_BATCHES:
+                batch, nxt = self._send(conn, publisher, nxt, per_shard, acked)
+                acked = []
+                if batch:
+                    window.append(batch)
+                    batches += 1
+                    out.sent += len(batch)
+            settled = self._settle(conn, publisher, window.pop(0), set(), halted, defer=True)
+            acked += settled.positions
+            out.acked += settled.acked
+            out.broken |= settled.broken
+            if out.broken or settled.stuck or halted:
+                nxt = None  # no more sends this round: settle what is in flight
+        if acked:
+            self.sender.acknowledge(conn, acked)
         if out.broken:  # once the round is settled: its deliveries are all accounted for
             self.producer.replace()
         self.metrics.batch(time.monotonic() - started, out.acked)
-        log.debug("relay %s: %d + %d events sent, %d acknowledged in %.3fs",
-                  self.sender.relay_id, len(first), len(second), out.acked,
+        log.debug("relay %s: %d events sent in %d batches, %d acknowledged in %.3fs",
+                  self.sender.relay_id, out.sent, batches, out.acked,
                   time.monotonic() - started)
         return out
+
+    def _send(self, conn: psycopg.Connection[Any], publisher: Publisher, claim: Claim,
+              per_shard: int, acked: list[int]) -> tuple[Sent, Claim | None]:
+        """Send the claim's rows; return what was sent and the next claim of the shards
+        whose whole slice went out, checked against this claim's snapshot (each claim
+        against the one before it: docs/design.md, "Cursors").
+
+        The next claim is sent first, in a pipeline, after the delete of the events
+        `acked` since the last one: PostgreSQL runs both while this sends, which leaves
+        the database untouched (reading earlier changes nothing the claim relies on). The
+        claim reads past everything sent, so the deleted rows are not its business; the
+        next round's first claim, which may start from a shard's beginning, comes after
+        the round's last delete. A shard whose head waits for a retry, or that was
+        refused at once, stops there, as it does within a batch."""
+        rows, snapshot = claim.rows, claim.snapshot
+        full = [] if snapshot is None else _full(rows, per_shard)
+        if not full or snapshot is None:
+            if acked:
+                self.sender.acknowledge(conn, acked)
+            return self.sender.send(conn, publisher, rows), None
+        last = {row.shard: row.position for row in rows}
+        with conn.pipeline():
+            if acked:
+                self.sender.acknowledge(conn, acked)
+            pending = self.cursors.send_next(conn, full, per_shard, last, snapshot)
+            sent = self.sender.send(conn, publisher, rows)
+            claimed = self.cursors.next_claimed(pending)
+        counts = Counter(row.shard for row, _ in sent)
+        go_on = {s for s in full if counts[s] == per_shard}
+        return sent, claimed._replace(rows=[r for r in claimed.rows if r.shard in go_on])
 
     def _isolated(self, conn: psycopg.Connection[Any], publisher: Publisher) -> Settled:
         """Send the head of one suspect shard entirely alone (Sender.suspects); the other
@@ -114,12 +146,14 @@ class AtLeastOnce:
         return settled
 
     def _settle(self, conn: psycopg.Connection[Any], publisher: Publisher, batch: Sent,
-                isolated: set[int], halted: set[int]) -> Settled:
+                isolated: set[int], halted: set[int], defer: bool = False) -> Settled:
         """Await a sent batch and settle it (outbox.sending); the acknowledged prefix of
         each shard becomes its cursor."""
-        if not self.sender.wait(conn, publisher, batch):
+        stuck = not self.sender.wait(conn, publisher, batch)
+        if stuck:
             self.producer.replace()
-        settled = self.sender.settle(conn, batch, isolated, halted)
+        settled = self.sender.settle(conn, batch, isolated, halted, defer)
+        settled.stuck = stuck
         self.cursors.acked(settled.heads)
         return settled
 

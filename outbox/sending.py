@@ -37,6 +37,8 @@ class Settled:
     acked: int = 0
     sent: int = 0  # records sent (the exactly-once cycle's; idle when 0)
     broken: bool = False  # the producer must be replaced (a fatal error was seen)
+    stuck: bool = False  # Kafka left deliveries unanswered: the producer was replaced
+    positions: list[int] = field(default_factory=list)  # acknowledged, delete deferred
     heads: dict[int, int] = field(default_factory=dict)  # shard -> last acknowledged position
 
 
@@ -126,14 +128,16 @@ class Sender:
         return True
 
     def settle(self, conn: psycopg.Connection[Any], batch: Sent, isolated: set[int],
-               halted: set[int]) -> Settled:
+               halted: set[int], defer: bool = False) -> Settled:
         """Delete each shard's acknowledged prefix; retry or dead-letter its first failure.
 
         Events after a shard's first failure stay pending even if Kafka took them: they
         are sent again after it, so each key's first deliveries keep their order. Only
         an event refused while its shard is in `isolated` (sent alone) is dead-lettered
         for a permanent error; otherwise its shard becomes a suspect. `halted` carries
-        the shards that stopped in an earlier batch of the same cycle.
+        the shards that stopped in an earlier batch of the same cycle. With `defer`, the
+        acknowledged positions are returned (`Settled.positions`) for the caller to
+        delete with `acknowledge` before its next claim.
         """
         out = Settled()
         acked: list[int] = []
@@ -154,9 +158,17 @@ class Sender:
         if acked:
             crash_point("relay.after_ack")
         if acked and not _unsafe.disabled("ack"):
-            self.store.acknowledge(conn, acked, keep=self.config.retention_seconds is not None)
+            if defer:
+                out.positions = acked
+            else:
+                self.acknowledge(conn, acked)
         out.acked = len(acked)
         return out
+
+    def acknowledge(self, conn: psycopg.Connection[Any], positions: list[int]) -> None:
+        """Delete (or mark) acknowledged events: settle's last step, or the caller's when
+        it deferred it."""
+        self.store.acknowledge(conn, positions, keep=self.config.retention_seconds is not None)
 
     def account(self, conn: psycopg.Connection[Any], row: Row, error: BaseException,
                 isolated: bool) -> None:

@@ -134,3 +134,40 @@ def test_the_pipelined_claim_never_passes_a_late_commit(
     _run_until_idle(r)
     assert _types(publisher, key) == ["first", "second"]
     assert _types(publisher, other) == ["x0", "x1", "x2"]
+
+
+def test_each_pipelined_claim_is_checked_against_the_claim_before_it(
+    engine: sa.Engine, relay: tuple[Relay, InMemoryPublisher]
+) -> None:
+    """A transaction that begins after a round's first claim, draws a position and
+    commits while the round goes on is not in the first claim's snapshot: the round's
+    third claim must be checked against the second's, which saw it in progress, or the
+    cursor would pass its event for good."""
+    r, publisher = relay
+    box = Outbox()
+    key = "late-key"
+    other = _same_shard(key)
+    _run_until_idle(r)
+    _publish(engine, box, other, "x0")  # the first claim's slice (one event per shard)
+    send_next = Store.send_claim_next
+    calls: list[int] = []
+    late: list[_Paused] = []
+
+    def during_the_round(self: Store, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:  # before the second claim: begins after the first one's snapshot
+            late.append(_Paused(engine, box, key, "first").__enter__())
+            _publish(engine, box, other, "y1")  # past its position, visible: claimed next
+            _publish(engine, box, other, "y2")
+        elif len(calls) == 2:  # before the third claim: it commits
+            late[0].__exit__()
+        return send_next(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Store, "send_claim_next", during_the_round)
+        r.step(wait=False)
+    assert len(calls) >= 2, "the round did not pipeline a third claim"
+    _publish(engine, box, key, "second")
+    _run_until_idle(r)
+    assert _types(publisher, key) == ["first", "second"]
+    assert _types(publisher, other) == ["x0", "y1", "y2"]
