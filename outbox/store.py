@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.string import ByteaBinaryLoader
 
 from outbox.event import SPEC_HEADER, SPEC_VALUE, KafkaHeaders, stored_to_kafka_headers
 from outbox.schema import Tables
@@ -35,14 +36,22 @@ def relay_namespace(tables: Tables) -> int:
 # ce_time exactly as event.format_time writes it.
 CE_TIME_SQL = "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
-# What the relay claims: routing columns, then the record as Kafka takes it, encoded by
-# PostgreSQL (bytea, read in binary: no decoding or formatting per event in Python).
+# What the relay claims: routing columns, then the record as Kafka takes it, formatted by
+# PostgreSQL. Read in binary on a claim cursor (`_claim_cursor`), whose `text` columns
+# come back as the UTF-8 bytes the server sent: no decoding or encoding per event in
+# Python, and no convert_to() per column in PostgreSQL (0.4 µs a row). `topic` is
+# varchar, read as str as a topic name is passed.
 CLAIM_COLUMNS = (
-    "position, shard, attempts, topic, convert_to(key, 'UTF8') AS k, payload, "
-    "convert_to(event_id::text, 'UTF8') AS id, convert_to(type, 'UTF8') AS ty, "
-    f"convert_to(source, 'UTF8') AS src, convert_to({CE_TIME_SQL}, 'UTF8') AS tm, "
-    "convert_to(content_type, 'UTF8') AS ct, headers"
+    "position, shard, attempts, topic, key AS k, payload, event_id::text AS id, "
+    f"type AS ty, source AS src, {CE_TIME_SQL} AS tm, content_type AS ct, headers"
 )
+
+
+def _claim_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
+    """A binary cursor that reads `text` as bytes (CLAIM_COLUMNS); only this cursor's."""
+    cur = conn.cursor(binary=True)
+    cur.adapters.register_loader("text", ByteaBinaryLoader)
+    return cur
 
 
 class Row(NamedTuple):
@@ -73,7 +82,8 @@ class Claim(NamedTuple):
 
 def _claimed(cur: Any) -> Claim:
     rows = cur.fetchall()
-    return Claim(_rows(rows), rows[0][-2], rows[0][-1]) if rows else Claim([], None, False)
+    return (Claim(_rows(rows), rows[0][-2].decode(), rows[0][-1]) if rows
+            else Claim([], None, False))
 
 
 def _rows(cur: Any) -> list[Row]:
@@ -273,9 +283,9 @@ class Store:
         ended, this claim starts from each shard's beginning instead
         (`Claim.from_cursor` is False). docs/design.md, "Cursors", has the whole argument.
         """
-        return _claimed(conn.execute(self._claim, {
+        return _claimed(_claim_cursor(conn).execute(self._claim, {
             "shards": shards, "per_shard": per_shard, "after": after or [0] * len(shards),
-            "since": since}, binary=True))
+            "since": since}))
 
     def claim_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
                    after: list[int], since: str) -> Claim:
@@ -288,9 +298,8 @@ class Store:
         """claim_next's statement, executed; its cursor for `claimed()`. Inside
         `conn.pipeline()` this returns without waiting: PostgreSQL runs the claim while
         the relay sends the events before it."""
-        return conn.execute(self._claim_next, {
-            "shards": shards, "per_shard": per_shard, "after": after, "since": since},
-            binary=True)
+        return _claim_cursor(conn).execute(self._claim_next, {
+            "shards": shards, "per_shard": per_shard, "after": after, "since": since})
 
     @staticmethod
     def claimed(cur: Any) -> Claim:
@@ -300,7 +309,7 @@ class Store:
     def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
         """The naive claim, for fault injection only (`OUTBOX_UNSAFE_DISABLE=shards`):
         it reorders a key's events as soon as two relays run."""
-        return _rows(conn.execute(self._claim_skip_locked, {"limit": limit}, binary=True))
+        return _rows(_claim_cursor(conn).execute(self._claim_skip_locked, {"limit": limit}))
 
     def has_pending(self, conn: psycopg.Connection[Any], shards: list[int]) -> bool:
         row = conn.execute(self._has_pending, {"shards": shards}).fetchone()
