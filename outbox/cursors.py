@@ -39,7 +39,7 @@ class Cursors:
     def claim_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
                    last: dict[int, int], snapshot: str) -> Claim:
         """The pipelined claim past the events just sent (`last` per shard), checked
-        against the first claim's `snapshot` (Store.claim_next)."""
+        against `snapshot`, that of the claim they came from (Store.claim_next)."""
         return self.next_claimed(self.send_next(conn, shards, per_shard, last, snapshot))
 
     def send_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
