@@ -51,7 +51,7 @@ from outbox.store import Row
 from outbox.txn import Fenced, OpenTransaction, TxnFailed, TxnProducer, is_fenced
 
 log = logging.getLogger("outbox.relay")
-ROUND_BATCHES = 8  # a round claims at most this many --batch-size batches over its shards
+ROUND_BATCHES = 16  # a round claims at most this many --batch-size batches over its shards
 BLOCKED_RETRY = 30.0  # seconds a shard whose progress partition had a transaction open waits
 
 
