@@ -19,11 +19,11 @@ import psycopg
 
 from outbox import _unsafe, tracing
 from outbox._faults import crash_point
-from outbox.cursors import Cursors
+from outbox.cursors import Cursors, full_shards
 from outbox.producer_slot import ProducerSlot
 from outbox.publisher import Publisher
 from outbox.sending import Sender, Sent, Settled
-from outbox.store import Claim, Row
+from outbox.store import Claim
 
 log = logging.getLogger("outbox.relay")
 
@@ -115,7 +115,7 @@ class AtLeastOnce:
         the round's last delete. A shard whose head waits for a retry, or that was
         refused at once, stops there, as it does within a batch."""
         rows, snapshot = claim.rows, claim.snapshot
-        full = [] if snapshot is None else _full(rows, per_shard)
+        full = [] if snapshot is None else full_shards(rows, per_shard)
         if not full or snapshot is None:
             if acked:
                 self.sender.acknowledge(conn, acked)
@@ -157,13 +157,3 @@ class AtLeastOnce:
         self.cursors.acked(settled.heads)
         return settled
 
-
-def _full(rows: list[Row], per_shard: int) -> list[int]:
-    """Shards the claim filled (`per_shard` rows), none of them waiting for a retry."""
-    counts: Counter[int] = Counter()
-    waiting: set[int] = set()
-    for row in rows:
-        counts[row.shard] += 1
-        if row.backing_off:
-            waiting.add(row.shard)
-    return [s for s, n in counts.items() if n == per_shard and s not in waiting]

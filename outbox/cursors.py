@@ -8,11 +8,12 @@ statement); otherwise it starts from each shard's beginning.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import psycopg
 
-from outbox.store import Claim, Store
+from outbox.store import Claim, Row, Store
 
 
 class Cursors:
@@ -66,3 +67,15 @@ class Cursors:
             self.since = None
         for shard in shards or []:
             self.at.pop(shard, None)
+
+
+def full_shards(rows: list[Row], per_shard: int) -> list[int]:
+    """Shards a claim filled (`per_shard` rows), none of them waiting for a retry: the
+    ones whose next events are worth claiming before these are settled."""
+    counts: Counter[int] = Counter()
+    waiting: set[int] = set()
+    for row in rows:
+        counts[row.shard] += 1
+        if row.backing_off:
+            waiting.add(row.shard)
+    return [s for s, n in counts.items() if n == per_shard and s not in waiting]

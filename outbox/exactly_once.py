@@ -41,17 +41,18 @@ import psycopg
 from outbox import _unsafe, tracing
 from outbox._faults import crash_point
 from outbox.backoff import first_line
-from outbox.cursors import Cursors
+from outbox.cursors import Cursors, full_shards
 from outbox.errors import ConfigError
 from outbox.producer_slot import ProducerUnavailable
 from outbox.progress import ProgressLog
 from outbox.publisher import Delivery
 from outbox.sending import Sender, Settled
-from outbox.store import Row
+from outbox.store import Claim, Row
 from outbox.txn import Fenced, OpenTransaction, TxnFailed, TxnProducer, is_fenced
 
 log = logging.getLogger("outbox.relay")
 ROUND_BATCHES = 16  # a round claims at most this many --batch-size batches over its shards
+ROUND_CYCLES = 4  # cycles a round may chain, each claimed while the one before commits
 BLOCKED_RETRY = 30.0  # seconds a shard whose progress partition had a transaction open waits
 
 
@@ -200,20 +201,41 @@ class TxnSender:
         # ROUND_BATCHES batches in all (memory, and the round's length).
         per_shard = max(1, min(self.config.batch_size,
                                ROUND_BATCHES * self.config.batch_size // max(1, len(shards))))
-        claim = self.cursors.claim(conn, shards, per_shard)
-        if not claim.rows and not self.suspects:
+        claim: Claim | None = self.cursors.claim(conn, shards, per_shard)
+        if claim is None or (not claim.rows and not self.suspects):
             self.sender.metrics.backlog_empty()
             return Settled()
-        started = time.monotonic()
-        with tracing.send_span(claim.rows, self.relay_id):
-            settled = self.cycle(conn, claim.rows)
-        self.cursors.acked(settled.heads)
-        self.sender.metrics.batch(time.monotonic() - started, settled.acked)
-        return settled
+        out = Settled()
+        cycles = 0
+        # Up to ROUND_CYCLES cycles: while one commits, the next events of the shards
+        # it filled are claimed (see cycle); a cycle that leaves anything unsettled
+        # (a failure, a suspect) ends the round.
+        while claim is not None and (claim.rows or self.suspects) and cycles < ROUND_CYCLES:
+            started = time.monotonic()
+            with tracing.send_span(claim.rows, self.relay_id):
+                settled, claim = self._cycle(conn, claim.rows, claim, per_shard)
+            cycles += 1
+            self.cursors.acked(settled.heads)
+            self.sender.metrics.batch(time.monotonic() - started, settled.acked)
+            out.acked += settled.acked
+            out.sent += settled.sent
+            out.heads.update(settled.heads)
+        return out
 
     def cycle(self, conn: psycopg.Connection[Any], rows: list[Row]) -> Settled:
         """One transaction per shard in `rows` (claimed, in order per shard), then the
         deletes. Raises Fenced if a shard was taken from under the relay."""
+        return self._cycle(conn, rows, None, 0)[0]
+
+    def _cycle(self, conn: psycopg.Connection[Any], rows: list[Row], claim: Claim | None,
+               per_shard: int) -> tuple[Settled, Claim | None]:
+        """`cycle`; with the `claim` the rows came from, the next events of the shards it filled are
+        claimed while the transactions commit (a pipeline: PostgreSQL reads while Kafka
+        commits), checked against that claim's snapshot as every pipelined claim is
+        (docs/design.md, "Cursors"). They are returned for the next cycle, which begins
+        its transactions only after this cycle's deletes; only the shards that committed
+        their whole slice keep theirs. None when nothing was claimed or a shard is left
+        unsettled (a failure, a suspect): the round ends there."""
         by_shard: dict[int, list[Row]] = {}
         for row in rows:
             if row.shard not in self.suspects:
@@ -242,7 +264,17 @@ class TxnSender:
                                           f"begin shard {shard}'s transaction ({exc})")
         crash_point("relay.after_send")
         out = Settled(sent=sum(len(b) for b, _ in started.values()))
-        ended = self._finish_all(conn, started)
+        full = ([] if claim is None or claim.snapshot is None or isolated
+                else [s for s in full_shards(rows, per_shard) if s in started])
+        nxt: Claim | None = None
+        if full and claim is not None and claim.snapshot is not None:
+            last = {shard: batch[-1][0].position for shard, (batch, _) in started.items()}
+            with conn.pipeline():
+                pending = self.cursors.send_next(conn, full, per_shard, last, claim.snapshot)
+                ended = self._finish_all(conn, started)
+                nxt = self.cursors.next_claimed(pending)
+        else:
+            ended = self._finish_all(conn, started)
         acked: list[int] = []
         fenced: Fenced | None = None
         for shard, (batch, _) in started.items():
@@ -258,7 +290,10 @@ class TxnSender:
         out.acked = len(acked)
         if fenced is not None:
             raise fenced
-        return out
+        if nxt is None or self.suspects or any(s not in out.heads for s in started):
+            return out, None
+        go_on = {s for s in full if s in out.heads}
+        return out, nxt._replace(rows=[r for r in nxt.rows if r.shard in go_on])
 
     def _begin(self, shard: int,
                rows: list[Row]) -> tuple[list[tuple[Row, Delivery]], Delivery]:
