@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from concurrent import futures
 from typing import Any
 
 import psycopg
@@ -62,13 +63,13 @@ class AtLeastOnce:
     def _publish(self, conn: psycopg.Connection[Any], publisher: Publisher, claim: Claim,
                  per_shard: int, naive: bool) -> Settled:
         """Send the claim, then keep a window of two batches in flight: the next events
-        of the shards that filled their slice are claimed (pipelined, see `_send`) and
-        sent while Kafka acknowledges the batch before, which is then settled. Up to
-        MAX_BATCHES per round; the window closes at the first failure, and the rest is
-        settled in order."""
+        of the shards that filled their slice are claimed (while the batch before is
+        sent, see `_send`) and sent while Kafka acknowledges the batch before, which is
+        then settled. Up to MAX_BATCHES per round; the window closes at the first
+        failure, or when the relay is stopping, and the rest is settled in order."""
         started = time.monotonic()
-        first, nxt = (self._send(conn, publisher, claim, per_shard, []) if not naive else
-                      (self.sender.send(conn, publisher, claim.rows), None))
+        first, nxt = (self._send(conn, publisher, claim, per_shard, [], MAX_BATCHES > 1)
+                      if not naive else (self.sender.send(conn, publisher, claim.rows), None))
         if not first:
             return Settled()
         crash_point("relay.after_send")
@@ -78,8 +79,9 @@ class AtLeastOnce:
         batches = 1
         acked: list[int] = []  # acknowledged, deleted before the next claim (see _send)
         while window:
-            if nxt is not None and nxt.rows and batches < MAX_BATCHES:
-                batch, nxt = self._send(conn, publisher, nxt, per_shard, acked)
+            if nxt is not None and nxt.rows and not self.sender.stopping():
+                more = batches + 1 < MAX_BATCHES
+                batch, nxt = self._send(conn, publisher, nxt, per_shard, acked, more)
                 acked = []
                 if batch:
                     window.append(batch)
@@ -102,31 +104,35 @@ class AtLeastOnce:
         return out
 
     def _send(self, conn: psycopg.Connection[Any], publisher: Publisher, claim: Claim,
-              per_shard: int, acked: list[int]) -> tuple[Sent, Claim | None]:
-        """Send the claim's rows; return what was sent and the next claim of the shards
-        whose whole slice went out, checked against this claim's snapshot (each claim
-        against the one before it: docs/design.md, "Cursors").
+              per_shard: int, acked: list[int], more: bool) -> tuple[Sent, Claim | None]:
+        """Send the claim's rows; with `more`, return the next claim of the shards whose
+        whole slice went out, checked against this claim's snapshot (each claim against
+        the one before it: docs/design.md, "Cursors").
 
-        The next claim is sent first, in a pipeline, after the delete of the events
-        `acked` since the last one: PostgreSQL runs both while this sends, which leaves
-        the database untouched (reading earlier changes nothing the claim relies on). The
-        claim reads past everything sent, so the deleted rows are not its business; the
-        next round's first claim, which may start from a shard's beginning, comes after
-        the round's last delete. A shard whose head waits for a retry, or that was
-        refused at once, stops there, as it does within a batch."""
+        The next claim runs on a worker thread (Cursors.start_next) while this sends,
+        after the delete of the events `acked` since the last one, so PostgreSQL does
+        both meanwhile. Sending leaves the database untouched, so claiming first changes
+        nothing the claim relies on. It reads past everything sent, so rows acknowledged
+        and not yet deleted are not its business; the round's last delete comes before
+        the next round's first claim, which may start from a shard's beginning. A shard
+        whose head waits for a retry, or that was refused at once, stops there, as it
+        does within a batch."""
         rows, snapshot = claim.rows, claim.snapshot
-        full = [] if snapshot is None else full_shards(rows, per_shard)
+        full = full_shards(rows, per_shard) if more and snapshot is not None else []
         if not full or snapshot is None:
             if acked:
                 self.sender.acknowledge(conn, acked)
             return self.sender.send(conn, publisher, rows), None
         last = {row.shard: row.position for row in rows}
-        with conn.pipeline():
-            if acked:
-                self.sender.acknowledge(conn, acked)
-            pending = self.cursors.send_next(conn, full, per_shard, last, snapshot)
+        pending = self.cursors.start_next(
+            conn, full, per_shard, last, snapshot,
+            before=(lambda: self.sender.acknowledge(conn, acked)) if acked else None)
+        try:
             sent = self.sender.send(conn, publisher, rows)
-            claimed = self.cursors.next_claimed(pending)
+        except BaseException:
+            futures.wait([pending])  # the session is not left in the worker's hands
+            raise
+        claimed = self.cursors.next_claimed(pending)
         counts = Counter(row.shard for row, _ in sent)
         go_on = {s for s in full if counts[s] == per_shard}
         return sent, claimed._replace(rows=[r for r in claimed.rows if r.shard in go_on])

@@ -9,6 +9,8 @@ statement); otherwise it starts from each shard's beginning.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -21,6 +23,7 @@ class Cursors:
         self.store = store
         self.at: dict[int, int] = {}
         self.since: str | None = None
+        self._worker: ThreadPoolExecutor | None = None
 
     def claim(self, conn: psycopg.Connection[Any], shards: list[int],
               per_shard: int) -> Claim:
@@ -41,17 +44,29 @@ class Cursors:
                    last: dict[int, int], snapshot: str) -> Claim:
         """The pipelined claim past the events just sent (`last` per shard), checked
         against `snapshot`, that of the claim they came from (Store.claim_next)."""
-        return self.next_claimed(self.send_next(conn, shards, per_shard, last, snapshot))
+        return self.next_claimed(self.start_next(conn, shards, per_shard, last, snapshot))
 
-    def send_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
-                  last: dict[int, int], snapshot: str) -> Any:
-        """claim_next's statement, sent; inside `conn.pipeline()` it runs while the
-        caller works. `next_claimed()` reads it."""
-        return self.store.send_claim_next(conn, shards, per_shard, [last[s] for s in shards],
-                                          snapshot)
+    def start_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
+                   last: dict[int, int], snapshot: str,
+                   before: Callable[[], object] | None = None) -> Future[Claim]:
+        """claim_next on a worker thread, after `before` (the relay's pending delete), so
+        that PostgreSQL runs it while the caller sends. The session is the caller's:
+        psycopg serialises its statements, and each is a statement of its own, so the
+        lease (idle_session_timeout) stays armed between them. Read it with
+        `next_claimed`, which waits for it."""
+        after = [last[s] for s in shards]
 
-    def next_claimed(self, cur: Any) -> Claim:
-        claim = self.store.claimed(cur)
+        def work() -> Claim:
+            if before is not None:
+                before()
+            return self.store.claim_next(conn, shards, per_shard, after, snapshot)
+
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-claim")
+        return self._worker.submit(work)
+
+    def next_claimed(self, pending: Future[Claim]) -> Claim:
+        claim = pending.result()
         if claim.from_cursor:
             self.since = claim.snapshot
         return claim

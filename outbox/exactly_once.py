@@ -210,10 +210,13 @@ class TxnSender:
         # Up to ROUND_CYCLES cycles: while one commits, the next events of the shards
         # it filled are claimed (see cycle); a cycle that leaves anything unsettled
         # (a failure, a suspect) ends the round.
-        while claim is not None and (claim.rows or self.suspects) and cycles < ROUND_CYCLES:
+        while (claim is not None and (claim.rows or self.suspects) and cycles < ROUND_CYCLES
+               and not (cycles and self.sender.stopping())):
             started = time.monotonic()
             with tracing.send_span(claim.rows, self.relay_id):
-                settled, claim = self._cycle(conn, claim.rows, claim, per_shard)
+                chain = cycles + 1 < ROUND_CYCLES and not self.sender.stopping()
+                settled, claim = self._cycle(conn, claim.rows, claim if chain else None,
+                                             per_shard)
             cycles += 1
             self.cursors.acked(settled.heads)
             self.sender.metrics.batch(time.monotonic() - started, settled.acked)
@@ -230,8 +233,8 @@ class TxnSender:
     def _cycle(self, conn: psycopg.Connection[Any], rows: list[Row], claim: Claim | None,
                per_shard: int) -> tuple[Settled, Claim | None]:
         """`cycle`; with the `claim` the rows came from, the next events of the shards it filled are
-        claimed while the transactions commit (a pipeline: PostgreSQL reads while Kafka
-        commits), checked against that claim's snapshot as every pipelined claim is
+        claimed while the transactions commit (on a worker thread: PostgreSQL reads while
+        Kafka commits), checked against that claim's snapshot as every pipelined claim is
         (docs/design.md, "Cursors"). They are returned for the next cycle, which begins
         its transactions only after this cycle's deletes; only the shards that committed
         their whole slice keep theirs. None when nothing was claimed or a shard is left
@@ -269,10 +272,13 @@ class TxnSender:
         nxt: Claim | None = None
         if full and claim is not None and claim.snapshot is not None:
             last = {shard: batch[-1][0].position for shard, (batch, _) in started.items()}
-            with conn.pipeline():
-                pending = self.cursors.send_next(conn, full, per_shard, last, claim.snapshot)
+            pending = self.cursors.start_next(conn, full, per_shard, last, claim.snapshot)
+            try:
                 ended = self._finish_all(conn, started)
-                nxt = self.cursors.next_claimed(pending)
+            except BaseException:
+                futures.wait([pending])  # the session is not left in the worker's hands
+                raise
+            nxt = self.cursors.next_claimed(pending)
         else:
             ended = self._finish_all(conn, started)
         acked: list[int] = []

@@ -8,12 +8,13 @@ over everything the process imported (SQLAlchemy, psycopg, the Kafka client) fol
 about once a round: measured on the confluent relay, that was a third of its CPU
 (docs/benchmarks.md, "Garbage collection").
 
-`tune()` freezes what exists when the worker starts (its modules, connections and
-producer: never garbage, so no pass needs to look at them again) and raises the young
-threshold, so a batch's objects are freed by reference counting before a pass sees
-them. Cycles are still collected, only less often. `outbox relay` and `outbox consume`
-call it unless `--no-gc-tuning`; a process that embeds a Relay or a ConsumerRunner may
-call it once its own setup is done.
+`tune()` freezes what exists when the worker starts (its modules and configuration:
+never garbage, so no pass needs to look at them again; anything frozen that later
+becomes cyclic garbage is never collected, which for startup objects is nothing of
+note) and raises the young threshold, so a batch's objects are freed by reference
+counting before a pass sees them. Cycles are still collected, only less often.
+`outbox relay` and `outbox consume` call it unless `--no-gc-tuning`; a process that
+embeds a Relay or a ConsumerRunner may call it once its own setup is done.
 """
 
 from __future__ import annotations

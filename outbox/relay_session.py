@@ -38,6 +38,9 @@ def open_session(config: RelayConfig, relay_id: str,
         lease_ms = int(config.lease_seconds * 1000)
         conn.execute(f"SET idle_session_timeout = {lease_ms}")
         conn.execute(f"SET statement_timeout = {max(lease_ms, 30000)}")
+        # The claim reads `text` as the bytes the server sends (store.CLAIM_COLUMNS),
+        # and Kafka's keys and headers are UTF-8, whatever the database's encoding.
+        conn.execute("SET client_encoding = 'UTF8'")
         if not config.exactly_once:
             conn.execute("SET synchronous_commit = off")
         conn.execute(f'LISTEN "{store.t.channel}"')

@@ -8,6 +8,7 @@ prefix (schema.validate_prefix), so formatting them in is safe.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -100,8 +101,8 @@ def _rows(cur: Any) -> list[Row]:
     return out
 
 
-def array_literal(values: Iterable[int | str]) -> str:
-    """A PostgreSQL array literal of integers or uuid texts (no quoting needed), for a
+def array_literal(values: Iterable[int | uuid.UUID]) -> str:
+    """A PostgreSQL array literal of integers or UUIDs (no quoting needed), for a
     parameter cast to int8[] or uuid[]: psycopg adapts a list element by element in
     Python, which cost the relay about 0.5 µs per acknowledged event; this is one join."""
     return "{" + ",".join(map(str, values)) + "}"
@@ -291,20 +292,8 @@ class Store:
                    after: list[int], since: str) -> Claim:
         """Each shard's next events past `after` (its last event in flight, claimed in
         snapshot `since`); nothing at all unless that is safe, as in claim()."""
-        return _claimed(self.send_claim_next(conn, shards, per_shard, after, since))
-
-    def send_claim_next(self, conn: psycopg.Connection[Any], shards: list[int],
-                        per_shard: int, after: list[int], since: str) -> Any:
-        """claim_next's statement, executed; its cursor for `claimed()`. Inside
-        `conn.pipeline()` this returns without waiting: PostgreSQL runs the claim while
-        the relay sends the events before it."""
-        return _claim_cursor(conn).execute(self._claim_next, {
-            "shards": shards, "per_shard": per_shard, "after": after, "since": since})
-
-    @staticmethod
-    def claimed(cur: Any) -> Claim:
-        """The Claim a cursor of send_claim_next holds (waits for it in a pipeline)."""
-        return _claimed(cur)
+        return _claimed(_claim_cursor(conn).execute(self._claim_next, {
+            "shards": shards, "per_shard": per_shard, "after": after, "since": since}))
 
     def claim_skip_locked(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
         """The naive claim, for fault injection only (`OUTBOX_UNSAFE_DISABLE=shards`):
@@ -328,7 +317,8 @@ class Store:
         row of the same position with another event id is not one of them."""
         return conn.execute(self._mark_exact if keep else self._delete_exact,
                             {"positions": array_literal(p for p, _ in done),
-                             "ids": array_literal(i for _, i in done)}).rowcount
+                             # read back from Kafka (outbox.progress): a uuid, checked
+                             "ids": array_literal(uuid.UUID(i) for _, i in done)}).rowcount
 
     def purge_published(self, conn: psycopg.Connection[Any], age_seconds: float,
                         limit: int) -> int:

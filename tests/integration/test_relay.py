@@ -210,6 +210,8 @@ def test_only_the_at_least_once_relay_commits_without_waiting_for_the_flush(
         try:
             row = conn.execute("SHOW synchronous_commit").fetchone()
             seen[exactly_once] = row[0] if row else None
+            # the claim reads text as the server's bytes: they must be UTF-8
+            assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
         finally:
             conn.close()
     assert seen == {False: "off", True: "on"}

@@ -120,7 +120,7 @@ def test_the_pipelined_claim_never_passes_a_late_commit(
     with _Paused(engine, box, key, "first") as late:
         for i in range(3):  # the shard's slice is 1 event: a full slice, so it pipelines
             _publish(engine, box, other, f"x{i}")
-        store_next = Store.send_claim_next
+        store_next = Store.claim_next
 
         def commit_late_first(self: Store, *args: object, **kwargs: object) -> object:
             late.go.set()  # the late transaction commits between the two claims
@@ -129,7 +129,7 @@ def test_the_pipelined_claim_never_passes_a_late_commit(
             return store_next(self, *args, **kwargs)  # type: ignore[arg-type]
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(Store, "send_claim_next", commit_late_first)
+            mp.setattr(Store, "claim_next", commit_late_first)
             r.step(wait=False)
     _run_until_idle(r)
     assert _types(publisher, key) == ["first", "second"]
@@ -149,7 +149,7 @@ def test_each_pipelined_claim_is_checked_against_the_claim_before_it(
     other = _same_shard(key)
     _run_until_idle(r)
     _publish(engine, box, other, "x0")  # the first claim's slice (one event per shard)
-    send_next = Store.send_claim_next
+    send_next = Store.claim_next
     calls: list[int] = []
     late: list[_Paused] = []
 
@@ -164,7 +164,7 @@ def test_each_pipelined_claim_is_checked_against_the_claim_before_it(
         return send_next(self, *args, **kwargs)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Store, "send_claim_next", during_the_round)
+        mp.setattr(Store, "claim_next", during_the_round)
         r.step(wait=False)
     assert len(calls) >= 2, "the round did not pipeline a third claim"
     _publish(engine, box, key, "second")
