@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from concurrent import futures
 from typing import Any
 
 import psycopg
@@ -109,7 +108,7 @@ class AtLeastOnce:
         whole slice went out, checked against this claim's snapshot (each claim against
         the one before it: docs/design.md, "Cursors").
 
-        The next claim runs on a worker thread (Cursors.start_next) while this sends,
+        The next claim runs on a worker thread (Cursors.claim_next_during) while this sends,
         after the delete of the events `acked` since the last one, so PostgreSQL does
         both meanwhile. Sending leaves the database untouched, so claiming first changes
         nothing the claim relies on. It reads past everything sent, so rows acknowledged
@@ -124,15 +123,10 @@ class AtLeastOnce:
                 self.sender.acknowledge(conn, acked)
             return self.sender.send(conn, publisher, rows), None
         last = {row.shard: row.position for row in rows}
-        pending = self.cursors.start_next(
+        sent, claimed = self.cursors.claim_next_during(
             conn, full, per_shard, last, snapshot,
+            meanwhile=lambda: self.sender.send(conn, publisher, rows),
             before=(lambda: self.sender.acknowledge(conn, acked)) if acked else None)
-        try:
-            sent = self.sender.send(conn, publisher, rows)
-        except BaseException:
-            futures.wait([pending])  # the session is not left in the worker's hands
-            raise
-        claimed = self.cursors.next_claimed(pending)
         counts = Counter(row.shard for row, _ in sent)
         go_on = {s for s in full if counts[s] == per_shard}
         return sent, claimed._replace(rows=[r for r in claimed.rows if r.shard in go_on])

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import psycopg
 
 from outbox.store import Claim, Row, Store
+
+T = TypeVar("T")
 
 
 class Cursors:
@@ -40,20 +43,17 @@ class Cursors:
         self.since = claim.snapshot
         return claim
 
-    def claim_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
-                   last: dict[int, int], snapshot: str) -> Claim:
+    def claim_next_during(self, conn: psycopg.Connection[Any], shards: list[int],
+                          per_shard: int, last: dict[int, int], snapshot: str,
+                          meanwhile: Callable[[], T],
+                          before: Callable[[], object] | None = None) -> tuple[T, Claim]:
         """The pipelined claim past the events just sent (`last` per shard), checked
-        against `snapshot`, that of the claim they came from (Store.claim_next)."""
-        return self.next_claimed(self.start_next(conn, shards, per_shard, last, snapshot))
-
-    def start_next(self, conn: psycopg.Connection[Any], shards: list[int], per_shard: int,
-                   last: dict[int, int], snapshot: str,
-                   before: Callable[[], object] | None = None) -> Future[Claim]:
-        """claim_next on a worker thread, after `before` (the relay's pending delete), so
-        that PostgreSQL runs it while the caller sends. The session is the caller's:
-        psycopg serialises its statements, and each is a statement of its own, so the
-        lease (idle_session_timeout) stays armed between them. Read it with
-        `next_claimed`, which waits for it."""
+        against `snapshot`, that of the claim they came from (Store.claim_next); run on
+        a worker thread, after `before` (the relay's pending delete), while `meanwhile`
+        (sending, committing) runs here. The session is the caller's: psycopg
+        serialises its statements, and each is a statement of its own, so the lease
+        (idle_session_timeout) stays armed between them. Returns what `meanwhile`
+        returned and the claim; the worker is done with the session either way."""
         after = [last[s] for s in shards]
 
         def work() -> Claim:
@@ -63,13 +63,16 @@ class Cursors:
 
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-claim")
-        return self._worker.submit(work)
-
-    def next_claimed(self, pending: Future[Claim]) -> Claim:
+        pending = self._worker.submit(work)
+        try:
+            done = meanwhile()
+        except BaseException:
+            futures.wait([pending])  # the session is not left in the worker's hands
+            raise
         claim = pending.result()
         if claim.from_cursor:
             self.since = claim.snapshot
-        return claim
+        return done, claim
 
     def acked(self, heads: dict[int, int]) -> None:
         """Each shard's acknowledged prefix now ends at `heads[shard]`."""

@@ -201,10 +201,11 @@ class TxnSender:
         # ROUND_BATCHES batches in all (memory, and the round's length).
         per_shard = max(1, min(self.config.batch_size,
                                ROUND_BATCHES * self.config.batch_size // max(1, len(shards))))
-        claim: Claim | None = self.cursors.claim(conn, shards, per_shard)
-        if claim is None or (not claim.rows and not self.suspects):
+        first = self.cursors.claim(conn, shards, per_shard)
+        if not first.rows and not self.suspects:
             self.sender.metrics.backlog_empty()
             return Settled()
+        claim: Claim | None = first
         out = Settled()
         cycles = 0
         # Up to ROUND_CYCLES cycles: while one commits, the next events of the shards
@@ -272,13 +273,9 @@ class TxnSender:
         nxt: Claim | None = None
         if full and claim is not None and claim.snapshot is not None:
             last = {shard: batch[-1][0].position for shard, (batch, _) in started.items()}
-            pending = self.cursors.start_next(conn, full, per_shard, last, claim.snapshot)
-            try:
-                ended = self._finish_all(conn, started)
-            except BaseException:
-                futures.wait([pending])  # the session is not left in the worker's hands
-                raise
-            nxt = self.cursors.next_claimed(pending)
+            ended, nxt = self.cursors.claim_next_during(
+                conn, full, per_shard, last, claim.snapshot,
+                meanwhile=lambda: self._finish_all(conn, started))
         else:
             ended = self._finish_all(conn, started)
         acked: list[int] = []
