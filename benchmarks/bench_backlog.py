@@ -8,14 +8,23 @@
   most 3 min; the wait is printed), and what autovacuum had done by then. Cycle 1 is
   also the 1M drain above. With BENCH_STORAGE=0 only cycle 1 runs.
 
+The relay is stepped during each drain, so its rate is timed exactly, and runs its
+service loop between drains, idle as a deployed relay is: it polls, and its session
+writes (the shards' `relay_waiting` flag) while autovacuum works. That matters: VACUUM
+can hand an index page it frees back for reuse at once only if a transaction ends
+while it runs (docs/design.md, "Storage"); a relay left unstepped writes nothing.
+
 Backlogs are filled with COPY, on top of whatever the previous cycle left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +32,7 @@ import psycopg
 
 from benchmarks.common import Result, close, database, drain, fill, relay_for, sized, topics
 from outbox.dburl import libpq_url
+from outbox.relay import Relay
 
 SMALL = sized(20_000)
 LARGE = sized(1_000_000)
@@ -112,13 +122,39 @@ def cycles(db_url: str, kafka: str, topic: str, n: int) -> list[tuple[float, dic
             for cycle in range(1, n + 1):
                 filled = fill(url, topic, LARGE, start=(cycle - 1) * LARGE)
                 rate = drain(relay, LARGE)
-                storage = _storage(url, datetime.now(UTC))
+                with _idling(relay):
+                    storage = _storage(url, datetime.now(UTC))
                 print(f"   cycle {cycle}: filled in {filled:.0f}s, drained at {rate:,.0f}/s; "
                       f"{_describe(storage)}", flush=True)
                 out.append((rate, storage))
         finally:
             close(relay)
     return out
+
+
+@contextlib.contextmanager
+def _idling(relay: Relay) -> Iterator[None]:
+    """The relay's own idle loop on a thread meanwhile (what `outbox relay` does with
+    nothing to send); stopped, within one poll interval, before the next fill."""
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def idle() -> None:
+        try:
+            while not stop.is_set():
+                relay.step(wait=True)
+        except BaseException as exc:  # reported by the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=idle, name="bench-idle-relay", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise RuntimeError("the idle relay failed") from failed[0]
 
 
 def run(db_url: str, kafka: str) -> list[Result]:

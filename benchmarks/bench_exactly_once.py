@@ -3,17 +3,43 @@ client, the fast lane; the same records as bench_relay):
 
 - the drain rate of a 100,000-event backlog, as a ratio to the default relay's;
 - commit-to-ack latency at 1,000 events/s (bench_latency's writers and clock; the ack
-  of an exactly-once event is its transaction's commit).
+  of an exactly-once event is its transaction's commit);
+- the ceiling of that latency: raw confluent-kafka transactional producers, one per
+  shard, run in the relay's round shape at the same rate, with no database (events are
+  made in the bench process, each stamped when made, and acked at its transaction's
+  commit). What the relay does beyond Kafka's transactions is not in it, so it is a
+  floor for the relay's latency on this machine, not a target.
 """
 
 from __future__ import annotations
 
-from benchmarks.bench_latency import measure, percentile
-from benchmarks.common import Result, close, database, drain, fill, relay_for, sized, topics
+import collections
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from benchmarks.bench_latency import SECONDS, WARMUP, measure, percentile
+from benchmarks.common import (
+    Result,
+    close,
+    database,
+    drain,
+    fill,
+    key,
+    record,
+    relay_for,
+    sized,
+    topics,
+)
+from outbox.confluent import producer_config
 from outbox.exactly_once import namespace
+from outbox.keys import shard_of
 from outbox.progress import KafkaProgressLog, progress_topic
 from outbox.publisher import KafkaSettings, make_publisher
 from outbox.relay import Relay, RelayConfig
+from outbox.shardcount import DEFAULT_SHARDS
 from outbox.txn import make_txn_producer
 
 EVENTS = sized(100_000)
@@ -46,6 +72,81 @@ def drain_rate(db_url: str, kafka: str, topic: str, exactly_once: bool) -> float
             close(relay)
 
 
+def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SHARDS
+                     ) -> list[float]:
+    """Latencies (ms) of Kafka's transactions alone, in the exactly-once relay's round
+    shape: each round takes what was made since the last, begins one transaction per
+    shard that has events (its events, then a progress record to that shard's partition
+    of a compacted topic), and flushes and commits them all at once on a thread each.
+    A generator thread makes `rate` events/s (common.record, the relay's keys)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    settings = KafkaSettings(kafka, linger_ms=0)
+    progress = f"{topic}-progress"
+    admin = AdminClient({"bootstrap.servers": kafka})
+    admin.create_topics([NewTopic(progress, shards, 1,
+                                  config={"cleanup.policy": "compact"})])[progress].result()
+    tag = uuid.uuid4().hex[:8]
+    producers = [Producer({**producer_config(settings), "client.id": f"bench-raw-txn-{n}",
+                           "transactional.id": f"bench-raw-txn-{tag}-{n}",
+                           "transaction.timeout.ms": 60_000, "message.timeout.ms": 60_000})
+                 for n in range(shards)]
+    pool = ThreadPoolExecutor(max_workers=shards)
+    made: collections.deque[tuple[float, int]] = collections.deque()
+    stop = threading.Event()
+    start = time.monotonic() + 1.0
+    end = start + WARMUP + SECONDS
+
+    def generate() -> None:
+        i = 0
+        while not stop.is_set():
+            due = start + i / rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            made.append((time.monotonic(), i))
+            i += 1
+            if due >= end:
+                return
+
+    def finish(n: int) -> float:
+        producers[n].flush(30)
+        producers[n].commit_transaction(30)
+        return time.monotonic()
+
+    latencies: list[float] = []
+    try:
+        list(pool.map(lambda p: p.init_transactions(30), producers))  # each a round trip
+        generator = threading.Thread(target=generate, name="bench-raw-txn-events")
+        generator.start()
+        now = datetime.now(UTC)
+        while generator.is_alive() or made:
+            batch = [made.popleft() for _ in range(len(made))]
+            if not batch:
+                time.sleep(0.0005)  # as quick as the relay's NOTIFY wake-up, or quicker
+                continue
+            by_shard: dict[int, list[float]] = {}
+            for made_at, i in batch:
+                n = shard_of(key(i), shards)
+                if n not in by_shard:
+                    producers[n].begin_transaction()
+                    by_shard[n] = []
+                k, v, h = record(i, now)
+                producers[n].produce(topic, v, k, headers=h)
+                by_shard[n].append(made_at)
+            for n in by_shard:
+                producers[n].produce(progress, b"done", str(n).encode(), partition=n)
+            for n, acked in zip(by_shard, pool.map(finish, list(by_shard)), strict=True):
+                latencies.extend((acked - t) * 1000 for t in by_shard[n]
+                                 if t >= start + WARMUP)
+    finally:
+        stop.set()
+        pool.shutdown()
+        admin.delete_topics([progress])
+    return latencies
+
+
 def run(db_url: str, kafka: str) -> list[Result]:
     with topics(kafka) as new:
         topic = new("eos")
@@ -59,6 +160,7 @@ def run(db_url: str, kafka: str) -> list[Result]:
             if not got or missing:
                 raise RuntimeError(f"exactly_once={flag}: {missing} events not acknowledged")
             latencies[flag] = (got, reached)
+        raw = raw_transactions(kafka, new("eos-raw"), RATE)
     results = [Result(f"drain {EVENTS:,}, --exactly-once, {CLIENT}", eos, "events/s",
                       "the same relay without it", plain, target=(">=", 0.7))]
     for flag, label in ((False, f"{CLIENT} without it"), (True, f"{CLIENT} --exactly-once")):
@@ -69,4 +171,10 @@ def run(db_url: str, kafka: str) -> list[Result]:
                               "ms", note=note, samples=got if flag else None))
         results.append(Result(f"commit-to-ack, {label}, {RATE:,}/s, p99", percentile(got, 99),
                               "ms", note=note, target=("<=", 50.0) if flag else None))
+    note = (f"{DEFAULT_SHARDS} transactional producers, no database: the relay's floor "
+            f"here; {len(raw):,} events")
+    results.append(Result(f"commit-to-ack, raw confluent transactions, {RATE:,}/s, p50",
+                          percentile(raw, 50), "ms", note=note))
+    results.append(Result(f"commit-to-ack, raw confluent transactions, {RATE:,}/s, p99",
+                          percentile(raw, 99), "ms", note=note))
     return results
