@@ -17,7 +17,7 @@ WITH_CLUSTER := $(STACK) --cluster up >&2 && eval "$$($(STACK) --cluster env)" &
 ## needed); the packaging tests install the built wheel from PyPI's dependencies
 test: .venv/.installed
 	$(WITH_STACK) $(PY) -m pytest tests/unit tests/integration tests/packaging tests/chaos \
-		-p no:cacheprovider
+		-p no:cacheprovider --durations=15
 
 ## unit tests only: no services
 test-unit: .venv/.installed
