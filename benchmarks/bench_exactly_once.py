@@ -14,11 +14,14 @@ client, the fast lane; the same records as bench_relay):
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 from benchmarks.bench_latency import SECONDS, WARMUP, measure, percentile
 from benchmarks.common import (
@@ -61,8 +64,25 @@ def eos_relay_for(url: str, kafka: str, topic: str) -> Relay:
     return relay
 
 
-def drain_rate(db_url: str, kafka: str, topic: str, exactly_once: bool) -> float:
+@contextlib.contextmanager
+def eos_database(db_url: str, kafka: str) -> Iterator[str]:
+    """common.database, and at the end the progress topic its exactly-once relays made:
+    each fresh database names its own (exactly_once.namespace), and a broker that kept
+    them all (16 partitions a run) would start ever more slowly."""
     with database(db_url) as url:
+        try:
+            yield url
+        finally:
+            from confluent_kafka.admin import AdminClient
+
+            topic = progress_topic(namespace(url, "outbox"))
+            done = AdminClient({"bootstrap.servers": kafka}).delete_topics([topic])[topic]
+            with contextlib.suppress(Exception):  # never made: nothing to delete
+                done.result(30)
+
+
+def drain_rate(db_url: str, kafka: str, topic: str, exactly_once: bool) -> float:
+    with eos_database(db_url, kafka) as url:
         relay = eos_relay_for(url, kafka, topic) if exactly_once else \
             relay_for(url, kafka, CLIENT, topic)
         try:
@@ -80,7 +100,7 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
     of a compacted topic), and flushes and commits them all at once on a thread each.
     A generator thread makes `rate` events/s (common.record, the relay's keys)."""
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     settings = KafkaSettings(kafka, linger_ms=0)
     progress = f"{topic}-progress"
@@ -132,7 +152,8 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
                 if n not in by_shard:
                     producers[n].begin_transaction()
                     by_shard[n] = []
-                k, v, h = record(i, now)
+                rec: tuple[bytes, bytes, Any] = record(i, now)  # (confluent's stubs: headers)
+                k, v, h = rec
                 producers[n].produce(topic, v, k, headers=h)
                 by_shard[n].append(made_at)
             for n in by_shard:
@@ -154,7 +175,7 @@ def run(db_url: str, kafka: str) -> list[Result]:
         eos = drain_rate(db_url, kafka, topic, exactly_once=True)
         latencies = {}
         for flag in (False, True):
-            with database(db_url) as url:
+            with eos_database(db_url, kafka) as url:
                 got, reached, missing = measure(url, kafka, new("eos-latency"), CLIENT, RATE,
                                                 exactly_once=flag)
             if not got or missing:
