@@ -9,10 +9,11 @@
   also the 1M drain above. With BENCH_STORAGE=0 only cycle 1 runs.
 
 The relay is stepped during each drain, so its rate is timed exactly, and runs its
-service loop between drains, idle as a deployed relay is: it polls, and its session
-writes (the shards' `relay_waiting` flag) while autovacuum works. That matters: VACUUM
-can hand an index page it frees back for reuse at once only if a transaction ends
-while it runs (docs/design.md, "Storage"); a relay left unstepped writes nothing.
+idle loop between drains, as a deployed relay with nothing to send does: it polls, and
+its session writes (the shards' `relay_waiting` flag) while autovacuum works. That
+matters: VACUUM can hand a B-tree page it deletes back for reuse at once only if a
+transaction that wrote ends after the deletion and before that index's scan is over
+(docs/design.md, "Storage"); a relay left unstepped writes nothing.
 
 Backlogs are filled with COPY, on top of whatever the previous cycle left behind.
 """
@@ -64,7 +65,7 @@ def _storage(url: str, drained_at: datetime) -> dict[str, Any]:
     extends the table whatever the relay does. The wait is reported beside the size.
     """
     started = time.monotonic()
-    time.sleep(11.0)  # the relay's backend, now idle, flushes its statistics within 10 s
+    time.sleep(11.0)  # the relay's backend flushes its statistics within 10 s
     while True:
         with psycopg.connect(libpq_url(url)) as conn:
             row = conn.execute(

@@ -4,7 +4,7 @@ client, the fast lane; the same records as bench_relay):
 - the drain rate of a 100,000-event backlog, as a ratio to the default relay's;
 - commit-to-ack latency at 1,000 events/s (bench_latency's writers and clock; the ack
   of an exactly-once event is its transaction's commit);
-- the ceiling of that latency: raw confluent-kafka transactional producers, one per
+- the floor of that latency: raw confluent-kafka transactional producers, one per
   shard, run in the relay's round shape at the same rate, with no database (events are
   made in the bench process, each stamped when made, and acked at its transaction's
   commit). What the relay does beyond Kafka's transactions is not in it, so it is a
@@ -64,21 +64,30 @@ def eos_relay_for(url: str, kafka: str, topic: str) -> Relay:
     return relay
 
 
+def _delete_topic(kafka: str, topic: str) -> None:
+    """Delete a topic this bench made; one that is not there is fine, any other failure
+    is printed (a topic left behind costs the broker at every start)."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kafka})  # kept alive until the answer
+    try:
+        admin.delete_topics([topic])[topic].result(30)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            print(f"   could not delete topic {topic}: {exc}", flush=True)
+
+
 @contextlib.contextmanager
 def eos_database(db_url: str, kafka: str) -> Iterator[str]:
     """common.database, and at the end the progress topic its exactly-once relays made:
-    each fresh database names its own (exactly_once.namespace), and a broker that kept
-    them all (16 partitions a run) would start ever more slowly."""
+    each fresh database names its own (exactly_once.namespace), 16 partitions each, and
+    a broker that kept them all would start ever more slowly."""
     with database(db_url) as url:
         try:
             yield url
         finally:
-            from confluent_kafka.admin import AdminClient
-
-            topic = progress_topic(namespace(url, "outbox"))
-            done = AdminClient({"bootstrap.servers": kafka}).delete_topics([topic])[topic]
-            with contextlib.suppress(Exception):  # never made: nothing to delete
-                done.result(30)
+            _delete_topic(kafka, progress_topic(namespace(url, "outbox")))
 
 
 def drain_rate(db_url: str, kafka: str, topic: str, exactly_once: bool) -> float:
@@ -97,26 +106,20 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
     """Latencies (ms) of Kafka's transactions alone, in the exactly-once relay's round
     shape: each round takes what was made since the last, begins one transaction per
     shard that has events (its events, then a progress record to that shard's partition
-    of a compacted topic), and flushes and commits them all at once on a thread each.
-    A generator thread makes `rate` events/s (common.record, the relay's keys)."""
+    of a compacted topic), and flushes and commits them all at once on a thread each;
+    an event's ack is its transaction's commit, as TimedTxn times the relay's. A
+    generator thread makes `rate` events/s (common.record, the relay's keys). Each
+    producer first commits one transaction to both topics (ids, metadata), as the
+    relay is warmed up before it is measured."""
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     settings = KafkaSettings(kafka, linger_ms=0)
     progress = f"{topic}-progress"
-    admin = AdminClient({"bootstrap.servers": kafka})
-    admin.create_topics([NewTopic(progress, shards, 1,
-                                  config={"cleanup.policy": "compact"})])[progress].result()
     tag = uuid.uuid4().hex[:8]
-    producers = [Producer({**producer_config(settings), "client.id": f"bench-raw-txn-{n}",
-                           "transactional.id": f"bench-raw-txn-{tag}-{n}",
-                           "transaction.timeout.ms": 60_000, "message.timeout.ms": 60_000})
-                 for n in range(shards)]
-    pool = ThreadPoolExecutor(max_workers=shards)
     made: collections.deque[tuple[float, int]] = collections.deque()
     stop = threading.Event()
-    start = time.monotonic() + 1.0
-    end = start + WARMUP + SECONDS
+    start = end = 0.0
 
     def generate() -> None:
         i = 0
@@ -130,15 +133,33 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
             if due >= end:
                 return
 
+    def warm(n: int) -> None:
+        producers[n].init_transactions(30)
+        producers[n].begin_transaction()
+        producers[n].produce(topic, b"{}", str(n).encode())
+        producers[n].produce(progress, b"warm", str(n).encode(), partition=n)
+        producers[n].commit_transaction(30)
+
     def finish(n: int) -> float:
         producers[n].flush(30)
         producers[n].commit_transaction(30)
         return time.monotonic()
 
+    admin = AdminClient({"bootstrap.servers": kafka})
+    admin.create_topics([NewTopic(progress, shards, 1, config={"cleanup.policy": "compact"})]
+                        )[progress].result(30)
+    pool = ThreadPoolExecutor(max_workers=shards)
+    generator = threading.Thread(target=generate, name="bench-raw-txn-events")
     latencies: list[float] = []
     try:
-        list(pool.map(lambda p: p.init_transactions(30), producers))  # each a round trip
-        generator = threading.Thread(target=generate, name="bench-raw-txn-events")
+        producers = [Producer({**producer_config(settings), "client.id": f"bench-raw-txn-{n}",
+                               "transactional.id": f"bench-raw-txn-{tag}-{n}",
+                               "transaction.timeout.ms": 60_000,
+                               "message.timeout.ms": 60_000})
+                     for n in range(shards)]
+        list(pool.map(warm, range(shards)))
+        start = time.monotonic()
+        end = start + WARMUP + SECONDS
         generator.start()
         now = datetime.now(UTC)
         while generator.is_alive() or made:
@@ -163,8 +184,10 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
                                  if t >= start + WARMUP)
     finally:
         stop.set()
+        if generator.is_alive():
+            generator.join()
         pool.shutdown()
-        admin.delete_topics([progress])
+        _delete_topic(kafka, progress)
     return latencies
 
 
