@@ -163,13 +163,17 @@ def _stats(seconds: list[float]) -> dict[str, float]:
 def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 3,
         consumers: int = 2, writers: int = 2, rate: float = 60.0, min_per_10min: int = 0,
         kinds: tuple[str, ...] = KINDS, log: Callable[[str], None] = print,
-        exactly_once: bool = False, cluster: bool = False) -> Report:
+        exactly_once: bool = False, cluster: bool = False,
+        windows_each: int | None = None, random_each: int | None = None) -> Report:
     """Run the system under faults of `kinds` for `duration` seconds, then check it.
 
     With `min_per_10min`, each random kind has that floor per 600 s (pro rata) and each
     window kind WINDOW_PER_10MIN (at least 1); the report says which fell short. With
     `cluster`, on the topology of `scripts/stack --cluster` (its URLs in the environment),
-    with its faults (CLUSTER_KINDS; floors of CLUSTER_FLOORS_PER_10MIN for its own)."""
+    with its faults (CLUSTER_KINDS; floors of CLUSTER_FLOORS_PER_10MIN for its own).
+    `windows_each` and `random_each` set how many faults each window kind and each
+    random kind aim for (by default, their nominal rates per 600 s). Window faults take
+    turns and wait for the servers, so fewer faults leave each more time to hit."""
     if os.environ.get("OUTBOX_UNSAFE_DISABLE"):
         raise SystemExit("unset OUTBOX_UNSAFE_DISABLE: the harness itself must keep every "
                          "mechanism; choose one to remove with --unsafe")
@@ -276,9 +280,11 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                                 "connect_timeout": 1,
                                 "options": "-c statement_timeout=5000"})) if cluster else None)
         lock = threading.Lock()
-        targets = {k: target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN)
+        targets = {k: (windows_each if windows_each is not None else
+                       target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN))
                    if k in WINDOW_KINDS else target_for(floors[k], duration, per_10min[k])
                    if cluster and k in CLUSTER_FLOORS_PER_10MIN
+                   else random_each if random_each is not None
                    else target_for(floors[k], duration) for k in kinds}
         schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k],
                                      miss=AIM_LIMIT if k in WINDOW_KINDS else 0.0)
