@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks.bench_latency import SECONDS, WARMUP, measure, percentile
 from benchmarks.common import (
     Result,
+    Topics,
     close,
     database,
     drain,
@@ -64,34 +65,18 @@ def eos_relay_for(url: str, kafka: str, topic: str) -> Relay:
     return relay
 
 
-def _delete_topic(kafka: str, topic: str) -> None:
-    """Delete a topic this bench made; one that is not there is fine, any other failure
-    is printed (a topic left behind costs the broker at every start)."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": kafka})  # kept alive until the answer
-    try:
-        admin.delete_topics([topic])[topic].result(30)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-            print(f"   could not delete topic {topic}: {exc}", flush=True)
-
-
 @contextlib.contextmanager
-def eos_database(db_url: str, kafka: str) -> Iterator[str]:
-    """common.database, and at the end the progress topic its exactly-once relays made:
-    each fresh database names its own (exactly_once.namespace), 16 partitions each, and
-    a broker that kept them all would start ever more slowly."""
+def eos_database(db_url: str, new: Topics) -> Iterator[str]:
+    """common.database, whose exactly-once relays' progress topic (each fresh database
+    names its own, exactly_once.namespace) `new` deletes with the run's topics."""
     with database(db_url) as url:
-        try:
-            yield url
-        finally:
-            _delete_topic(kafka, progress_topic(namespace(url, "outbox")))
+        new.adopt(progress_topic(namespace(url, "outbox")))
+        yield url
 
 
-def drain_rate(db_url: str, kafka: str, topic: str, exactly_once: bool) -> float:
-    with eos_database(db_url, kafka) as url:
+def drain_rate(db_url: str, kafka: str, new: Topics, topic: str, exactly_once: bool
+               ) -> float:
+    with eos_database(db_url, new) as url:
         relay = eos_relay_for(url, kafka, topic) if exactly_once else \
             relay_for(url, kafka, CLIENT, topic)
         try:
@@ -101,7 +86,7 @@ def drain_rate(db_url: str, kafka: str, topic: str, exactly_once: bool) -> float
             close(relay)
 
 
-def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SHARDS
+def raw_transactions(kafka: str, new: Topics, rate: int, shards: int = DEFAULT_SHARDS
                      ) -> list[float]:
     """Latencies (ms) of Kafka's transactions alone, in the exactly-once relay's round
     shape: each round takes what was made since the last, begins one transaction per
@@ -112,10 +97,10 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
     producer first commits one transaction to both topics (ids, metadata), as the
     relay is warmed up before it is measured."""
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     settings = KafkaSettings(kafka, linger_ms=0)
-    progress = f"{topic}-progress"
+    topic = new("eos-raw")
+    progress = new("eos-raw-progress", partitions=shards, config={"cleanup.policy": "compact"})
     tag = uuid.uuid4().hex[:8]
     made: collections.deque[tuple[float, int]] = collections.deque()
     stop = threading.Event()
@@ -145,9 +130,6 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
         producers[n].commit_transaction(30)
         return time.monotonic()
 
-    admin = AdminClient({"bootstrap.servers": kafka})
-    admin.create_topics([NewTopic(progress, shards, 1, config={"cleanup.policy": "compact"})]
-                        )[progress].result(30)
     pool = ThreadPoolExecutor(max_workers=shards)
     generator = threading.Thread(target=generate, name="bench-raw-txn-events")
     latencies: list[float] = []
@@ -187,24 +169,23 @@ def raw_transactions(kafka: str, topic: str, rate: int, shards: int = DEFAULT_SH
         if generator.is_alive():
             generator.join()
         pool.shutdown()
-        _delete_topic(kafka, progress)
     return latencies
 
 
 def run(db_url: str, kafka: str) -> list[Result]:
     with topics(kafka) as new:
         topic = new("eos")
-        plain = drain_rate(db_url, kafka, topic, exactly_once=False)
-        eos = drain_rate(db_url, kafka, topic, exactly_once=True)
+        plain = drain_rate(db_url, kafka, new, topic, exactly_once=False)
+        eos = drain_rate(db_url, kafka, new, topic, exactly_once=True)
         latencies = {}
         for flag in (False, True):
-            with eos_database(db_url, kafka) as url:
+            with eos_database(db_url, new) as url:
                 got, reached, missing = measure(url, kafka, new("eos-latency"), CLIENT, RATE,
                                                 exactly_once=flag)
             if not got or missing:
                 raise RuntimeError(f"exactly_once={flag}: {missing} events not acknowledged")
             latencies[flag] = (got, reached)
-        raw = raw_transactions(kafka, new("eos-raw"), RATE)
+        raw = raw_transactions(kafka, new, RATE)
     results = [Result(f"drain {EVENTS:,}, --exactly-once, {CLIENT}", eos, "events/s",
                       "the same relay without it", plain, target=(">=", 0.7))]
     for flag, label in ((False, f"{CLIENT} without it"), (True, f"{CLIENT} --exactly-once")):

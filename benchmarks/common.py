@@ -149,26 +149,55 @@ def database(admin_url: str) -> Iterator[str]:
         drop_database(admin_url, url)
 
 
-@contextlib.contextmanager
-def topics(kafka: str) -> Iterator[Any]:
-    """`new(prefix)` makes a 6-partition topic; all are deleted at the end (the backlog
-    benchmark writes gigabytes)."""
-    from kafka.admin import KafkaAdminClient, NewTopic
+class Topics:
+    """The run's topics: calling it makes one (`new("relay")`: 6 partitions unless told),
+    `adopt(name)` takes one something else made (an exactly-once relay's progress
+    topic); `topics()` deletes them all at the end. The backlog benchmark writes
+    gigabytes, and every partition left behind slows the broker's next start."""
 
-    admin = KafkaAdminClient(bootstrap_servers=kafka, client_id="outbox-bench")
-    made: list[str] = []
+    def __init__(self, admin: Any) -> None:
+        self._admin = admin
+        self._made: list[str] = []
 
-    def new(prefix: str) -> str:
+    def __call__(self, prefix: str, partitions: int = PARTITIONS,
+                 config: dict[str, str] | None = None) -> str:
+        from kafka.admin import NewTopic
+
         name = f"bench-{prefix}-{uuid.uuid4().hex[:8]}"
-        admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)])
-        made.append(name)
+        self._admin.create_topics([NewTopic(name, num_partitions=partitions,
+                                            replication_factor=1, topic_configs=config or {})])
+        self._made.append(name)
         return name
 
+    def adopt(self, name: str) -> None:
+        self._made.append(name)
+
+    def delete(self) -> None:
+        """Delete them; one that was never made is fine, any other failure is printed."""
+        try:
+            result = self._admin.delete_topics(self._made, raise_errors=False)
+        except Exception as exc:
+            print(f"   could not delete the run's topics: {exc}", flush=True)
+            return
+        for topic in result.get("topics", []):
+            if topic.get("error_code", 0) not in (0, UNKNOWN_TOPIC):
+                print(f"   could not delete topic {topic.get('name')}: {topic}", flush=True)
+
+
+UNKNOWN_TOPIC = 3  # Kafka's UNKNOWN_TOPIC_OR_PARTITION
+
+
+@contextlib.contextmanager
+def topics(kafka: str) -> Iterator[Topics]:
+    """The run's Topics, deleted at the end."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka, client_id="outbox-bench")
+    made = Topics(admin)
     try:
-        yield new
+        yield made
     finally:
-        with contextlib.suppress(Exception):
-            admin.delete_topics(made)
+        made.delete()
         admin.close()
 
 

@@ -280,12 +280,15 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
                                 "connect_timeout": 1,
                                 "options": "-c statement_timeout=5000"})) if cluster else None)
         lock = threading.Lock()
-        targets = {k: (windows_each if windows_each is not None else
-                       target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN))
-                   if k in WINDOW_KINDS else target_for(floors[k], duration, per_10min[k])
-                   if cluster and k in CLUSTER_FLOORS_PER_10MIN
-                   else random_each if random_each is not None
-                   else target_for(floors[k], duration) for k in kinds}
+        def target(k: str) -> int:
+            if k in WINDOW_KINDS:
+                return windows_each if windows_each is not None else \
+                    target_for(floors[k], duration, WINDOW_NOMINAL_PER_10MIN)
+            if cluster and k in CLUSTER_FLOORS_PER_10MIN:
+                return target_for(floors[k], duration, per_10min[k])
+            return random_each if random_each is not None else target_for(floors[k], duration)
+
+        targets = {k: target(k) for k in kinds}
         schedules = {k: KindSchedule(duration, targets[k], PRIOR_SECONDS[k],
                                      miss=AIM_LIMIT if k in WINDOW_KINDS else 0.0)
                      for k in kinds}
