@@ -5,15 +5,17 @@
 - With BENCH_STORAGE=1 (the default), three fill-and-drain cycles of 1,000,000 events
   on one table with autovacuum at the server's settings (printed): the table's size
   with its indexes after each drain, measured once autovacuum has had its turn (at
-  most 3 min; the wait is printed), and what autovacuum had done by then. Cycle 1 is
-  also the 1M drain above. With BENCH_STORAGE=0 only cycle 1 runs.
+  most 3 min; the wait is printed) and the idle relay has had its chance to truncate
+  the drained table (outbox.reclaim, at most 30 s more), and what autovacuum had done
+  by then. Cycle 1 is also the 1M drain above. With BENCH_STORAGE=0 only cycle 1 runs.
 
 The relay is stepped during each drain, so its rate is timed exactly, and runs its
-idle loop between drains, as a deployed relay with nothing to send does: it polls, and
-its session writes (the shards' `relay_waiting` flag) while autovacuum works. That
-matters: VACUUM can hand a B-tree page it deletes back for reuse at once only if a
+idle loop between drains, as a deployed relay with nothing to send does: it polls, its
+session writes (the shards' `relay_waiting` flag) while autovacuum works, and it
+truncates the table once autovacuum has emptied it. Without that last step the indexes
+would grow: VACUUM can hand a B-tree page it deletes back for reuse at once only if a
 transaction that wrote ends after the deletion and before that index's scan is over
-(docs/design.md, "Storage"); a relay left unstepped writes nothing.
+(docs/design.md, "Storage").
 
 Backlogs are filled with COPY, on top of whatever the previous cycle left behind.
 """
@@ -40,6 +42,7 @@ LARGE = sized(1_000_000)
 REPEATS = 3
 CLIENT = "confluent"
 AUTOVACUUM_WAIT = 180.0  # seconds: three naptimes at the default 1 min
+RECLAIM_WAIT = 30.0  # seconds after autovacuum: three of the idle relay's looks
 AUTOVACUUM = ("autovacuum", "autovacuum_naptime", "autovacuum_vacuum_threshold",
               "autovacuum_vacuum_scale_factor", "autovacuum_vacuum_insert_threshold",
               "autovacuum_vacuum_cost_delay", "autovacuum_vacuum_cost_limit")
@@ -56,32 +59,47 @@ def _settings(url: str) -> str:
                          for name in AUTOVACUUM)
 
 
-def _storage(url: str, drained_at: datetime) -> dict[str, Any]:
+def _storage(url: str, drained_at: datetime, relay: Relay) -> dict[str, Any]:
     """Size of outbox_events (table, indexes, total) and its vacuum statistics, once
-    autovacuum has had its turn after the drain (at most AUTOVACUUM_WAIT seconds).
+    autovacuum has had its turn after the drain (at most AUTOVACUUM_WAIT seconds), and
+    then the idle relay its chance to truncate the drained table (at most RECLAIM_WAIT).
 
     Only VACUUM makes a drained table's space reusable, and autovacuum visits each
     database once per naptime (1 min by default): a cycle that starts before that turn
-    extends the table whatever the relay does. The wait is reported beside the size.
+    extends the table whatever the relay does. The relay truncates only a vacuumed
+    table (outbox.reclaim). The waits are reported beside the size.
     """
     started = time.monotonic()
+    reclaims = relay.reclaimer.reclaimed
     time.sleep(11.0)  # the relay's backend flushes its statistics within 10 s
+    vacuumed_at: float | None = None
     while True:
-        with psycopg.connect(libpq_url(url)) as conn:
-            row = conn.execute(
-                "SELECT pg_total_relation_size('outbox_events'), "
-                "pg_relation_size('outbox_events'), pg_indexes_size('outbox_events'), "
-                "n_live_tup, n_dead_tup, last_autovacuum, autovacuum_count, vacuum_count "
-                "FROM pg_stat_user_tables WHERE relname = 'outbox_events'").fetchone()
-        assert row is not None
-        vacuumed = row[5] is not None and row[5] >= drained_at
-        if vacuumed or time.monotonic() - started > AUTOVACUUM_WAIT:
+        row = _read(url)
+        if vacuumed_at is None and row[5] is not None and row[5] >= drained_at:
+            vacuumed_at = time.monotonic()
+        reclaimed = relay.reclaimer.reclaimed > reclaims
+        now = time.monotonic()
+        if reclaimed or now - started > AUTOVACUUM_WAIT + RECLAIM_WAIT or (
+                vacuumed_at is not None and now - vacuumed_at > RECLAIM_WAIT):
             break
-        time.sleep(5.0)
+        time.sleep(2.0)
+    row = _read(url)  # after the truncation, if there was one
     names = ("total", "table", "indexes", "n_live_tup", "n_dead_tup", "last_autovacuum",
              "autovacuum_count", "vacuum_count")
-    return {**dict(zip(names, row, strict=True)), "vacuumed": vacuumed,
-            "waited": time.monotonic() - started}
+    return {**dict(zip(names, row, strict=True)), "vacuumed": vacuumed_at is not None,
+            "waited": (vacuumed_at or now) - started, "reclaimed": reclaimed,
+            "freed": relay.reclaimer.last_freed if reclaimed else 0}
+
+
+def _read(url: str) -> tuple[Any, ...]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        row = conn.execute(
+            "SELECT pg_total_relation_size('outbox_events'), "
+            "pg_relation_size('outbox_events'), pg_indexes_size('outbox_events'), "
+            "n_live_tup, n_dead_tup, last_autovacuum, autovacuum_count, vacuum_count "
+            "FROM pg_stat_user_tables WHERE relname = 'outbox_events'").fetchone()
+    assert row is not None
+    return tuple(row)
 
 
 def _mb(size: int) -> float:
@@ -95,7 +113,9 @@ def _describe(s: dict[str, Any]) -> str:
             f"{s['n_dead_tup']:,}, autovacuum_count {s['autovacuum_count']}, last_autovacuum "
             f"{last.strftime('%H:%M:%S') if last else 'never'}; "
             + (f"autovacuum's turn came {s['waited']:.0f}s after the drain" if s["vacuumed"]
-               else f"no autovacuum within {s['waited']:.0f}s of the drain"))
+               else f"no autovacuum within {s['waited']:.0f}s of the drain")
+            + (f"; the relay truncated it, giving back {_mb(s['freed']):.1f} MB"
+               if s["reclaimed"] else "; the relay did not truncate it"))
 
 
 def small_rate(db_url: str, kafka: str, topic: str) -> tuple[float, list[float]]:
@@ -124,7 +144,7 @@ def cycles(db_url: str, kafka: str, topic: str, n: int) -> list[tuple[float, dic
                 filled = fill(url, topic, LARGE, start=(cycle - 1) * LARGE)
                 rate = drain(relay, LARGE)
                 with _idling(relay):
-                    storage = _storage(url, datetime.now(UTC))
+                    storage = _storage(url, datetime.now(UTC), relay)
                 print(f"   cycle {cycle}: filled in {filled:.0f}s, drained at {rate:,.0f}/s; "
                       f"{_describe(storage)}", flush=True)
                 out.append((rate, storage))
@@ -176,7 +196,9 @@ def run(db_url: str, kafka: str) -> list[Result]:
         note = (f"drained at {rate:,.0f}/s; dead {storage['n_dead_tup']:,}, "
                 f"autovacuums {storage['autovacuum_count']}, measured "
                 + (f"{storage['waited']:.0f}s after the drain, once autovacuum had run"
-                   if storage["vacuumed"] else "with no autovacuum since the drain"))
+                   if storage["vacuumed"] else "with no autovacuum since the drain")
+                + (f"; truncated by the idle relay ({_mb(storage['freed']):.1f} MB given "
+                   "back)" if storage["reclaimed"] else "; not truncated"))
         if cycle == 1:
             results.append(Result("outbox_events + indexes after cycle 1", _mb(first), "MB",
                                   note=note))

@@ -45,6 +45,10 @@ log = logging.getLogger("outbox.cli")
 @click.option("--retention", "retention_seconds", envvar="OUTBOX_RETENTION_SECONDS",
               default=None, type=click.FloatRange(0, None), show_envvar=True,
               help="Keep published events this many seconds (default: delete at once).")
+@click.option("--reclaim-above-mb", envvar="OUTBOX_RECLAIM_ABOVE_MB", default=16.0,
+              show_default=True, type=click.FloatRange(0, None), show_envvar=True,
+              help="Truncate the events table once it is drained, vacuumed and larger "
+                   "than this (0: never); needs TRUNCATE on it.")
 @click.option("--linger-ms", envvar="OUTBOX_LINGER_MS", default=5, show_default=True,
               type=click.IntRange(0, 60_000), show_envvar=True)
 @click.option("--kafka-batch-bytes", envvar="OUTBOX_KAFKA_BATCH_BYTES", default=256 * 1024,
@@ -81,7 +85,8 @@ log = logging.getLogger("outbox.cli")
 @gc_option
 def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, batch_size: int,
           poll_interval: float, lease_seconds: float, max_attempts: int,
-          retention_seconds: float | None, linger_ms: int, kafka_batch_bytes: int,
+          retention_seconds: float | None, reclaim_above_mb: float, linger_ms: int,
+          kafka_batch_bytes: int,
           delivery_timeout_ms: int, compression: str | None, metrics_port: int | None,
           metrics_host: str, relay_id: str | None, client: str,
           kafka_options: tuple[str, ...], exactly_once: bool,
@@ -115,6 +120,7 @@ def relay(db_url: str, kafka: str, table_prefix: str, num_shards: int | None, ba
         db_url=db_url, table_prefix=table_prefix, num_shards=num_shards,
         batch_size=batch_size, poll_interval=poll_interval, lease_seconds=lease_seconds,
         max_attempts=max_attempts, retention_seconds=retention_seconds, relay_id=relay_id,
+        reclaim_above_mb=reclaim_above_mb,
         send_timeout=delivery_timeout_ms / 1000 + 10, exactly_once=exactly_once,
         txn_namespace=txn_namespace,
     )

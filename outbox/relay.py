@@ -34,6 +34,7 @@ from outbox.ownership import ranges, take_fair_share
 from outbox.producer_slot import ProducerSlot, ProducerUnavailable
 from outbox.progress import ProgressLog
 from outbox.publisher import Publisher
+from outbox.reclaim import Reclaimer
 from outbox.relay_config import RelayConfig
 from outbox.relay_session import open_session
 from outbox.schema import make_tables
@@ -75,6 +76,8 @@ class Relay:
         self.sender = Sender(self.relay_id, config, self.store, self.metrics,
                              self.loop.throttle, self._grace_left, lambda: self.loop.stopping)
         self.cursors = Cursors(self.store)
+        self.reclaimer = Reclaimer(self.tables, int(config.reclaim_above_mb * 1e6)
+                                   if config.reclaim_above_mb else None)
         self.default = AtLeastOnce(self.sender, self.producer, self.cursors)
         self.txn: TxnSender | None = None
         if config.exactly_once:
@@ -158,6 +161,7 @@ class Relay:
             self.store.purge_published(conn, self.config.retention_seconds, 1000)
             self._next_purge = time.monotonic() + 5.0
         if done == 0 and wait:
+            self.reclaimer.maybe(conn)
             self._idle(conn)
         return done
 

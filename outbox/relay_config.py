@@ -24,6 +24,9 @@ class RelayConfig:
     retry_base: float = 0.5
     retry_max: float = 60.0
     retention_seconds: float | None = None
+    # Truncate the events table when it is drained and holds more than this many MB
+    # (outbox.reclaim); None or 0: never.
+    reclaim_above_mb: float | None = 16.0
     shutdown_grace: float = 10.0
     # A batch still unacknowledged after this long means the producer is stuck (seen with
     # kafka-python after broker restarts): replace it and send the shard again. Keep it

@@ -1,0 +1,175 @@
+"""An idle relay truncates the drained events table (outbox.reclaim), and never an event:
+not one committed, not one a writer is inserting, not one committing meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from outbox import Outbox
+from outbox.dburl import libpq_url
+from outbox.publisher import InMemoryPublisher, Record
+from outbox.reclaim import MAX_DEAD_ROWS, Reclaimer
+from outbox.relay import Relay, RelayConfig
+from outbox.schema import make_tables
+from tests.integration.test_relay_cursor import _Paused
+
+
+def _publish(engine: sa.Engine, box: Outbox, n: int, key: str = "k") -> list[str]:
+    with Session(engine) as s, s.begin():
+        return [str(box.publish(s, topic="t", key=f"{key}-{i % 50}", type="T",
+                                payload={"i": i}).id) for i in range(n)]
+
+
+def _conn(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(libpq_url(url), autocommit=True)
+
+
+def _size(url: str) -> int:
+    with _conn(url) as c:
+        row = c.execute("SELECT pg_total_relation_size('outbox_events')").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _ids(url: str) -> set[str]:
+    with _conn(url) as c:
+        return {str(r[0]) for r in c.execute("SELECT event_id FROM outbox_events")}
+
+
+def _id(record: Record) -> str:
+    return next(v.decode() for k, v in record.headers if k == "ce_id")
+
+
+@pytest.fixture
+def box() -> Outbox:
+    return Outbox()
+
+
+def test_an_idle_relay_truncates_the_drained_vacuumed_table(
+        db_url: str, engine: sa.Engine, box: Outbox) -> None:
+    for _ in range(4):
+        _publish(engine, box, 2000)
+    publisher = InMemoryPublisher()
+    relay = Relay(RelayConfig(db_url, poll_interval=0.05, reclaim_above_mb=0.1),
+                  lambda: publisher)
+    relay.reclaimer.every = 0.0
+    try:
+        while relay.step(wait=False):
+            pass
+        assert len(publisher.records) == 8000
+        with _conn(db_url) as c:
+            last = c.execute("SELECT max(position) FROM outbox_events").fetchone()
+            c.execute("VACUUM outbox_events")
+        drained = _size(db_url)
+        assert drained > 100_000  # the dead rows' pages, kept after VACUUM
+        relay.step(wait=True)  # idle: the reclaim runs before the wait
+        assert relay.reclaimer.reclaimed == 1
+        assert _size(db_url) < 64 * 1024
+        # The positions' sequence is untouched: the next event comes after every old one,
+        # and the relay (its cursors past the old positions) sends it.
+        new = _publish(engine, box, 1)
+        with _conn(db_url) as c:
+            row = c.execute("SELECT position FROM outbox_events").fetchone()
+        assert row is not None and last is not None and row[0] > (last[0] or 0)
+        while relay.step(wait=False):
+            pass
+        assert [_id(r) for r in publisher.records[8000:]] == new
+    finally:
+        relay._close()
+
+
+def test_a_live_row_an_inserting_writer_or_unvacuumed_rows_keep_the_table(
+        db_url: str, engine: sa.Engine, box: Outbox) -> None:
+    reclaimer = Reclaimer(make_tables(), above_bytes=1, every=0.0)
+    with _conn(db_url) as conn:
+        kept = _publish(engine, box, 1)
+        assert reclaimer.truncate_if_empty(conn) is None  # a committed row
+        assert _ids(db_url) == set(kept)
+        conn.execute("DELETE FROM outbox_events")
+        with _Paused(engine, box, "k", "T"):  # inserted, not committed: it holds a lock
+            assert reclaimer.truncate_if_empty(conn) is None
+        assert len(_ids(db_url)) == 1  # the paused writer's event, committed after
+        conn.execute("DELETE FROM outbox_events")
+        one_off = sa.create_engine(db_url, poolclass=sa.NullPool)  # stats sent on close
+        _publish(one_off, box, MAX_DEAD_ROWS + 500)
+        one_off.dispose()
+        conn.execute("DELETE FROM outbox_events")
+        conn.execute("SELECT pg_stat_force_next_flush()")  # sent as the statement ends
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        assert reclaimer.maybe(conn) is None  # not vacuumed: would scan while holding it
+        assert reclaimer.reclaimed == 0
+        conn.execute("VACUUM outbox_events")
+        assert reclaimer.maybe(conn) is not None
+        assert reclaimer.reclaimed == 1
+
+
+def test_no_event_is_lost_to_truncations_racing_writers(
+        db_url: str, engine: sa.Engine, box: Outbox) -> None:
+    """Writers commit without pause while rows are deleted as a relay would and the
+    table is truncated whenever it is found empty: every event committed is either
+    deleted (published) or still in the table, none vanishes."""
+    stop = threading.Event()
+    written: list[str] = []
+    deleted: set[str] = set()
+
+    def write(i: int) -> None:
+        while not stop.is_set():
+            written.extend(_publish(engine, box, 1 + i % 3, key=f"w{i}"))
+
+    def delete() -> None:
+        with _conn(db_url) as c:
+            while not stop.is_set():
+                deleted.update(str(r[0]) for r in
+                               c.execute("DELETE FROM outbox_events RETURNING event_id"))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    threads.append(threading.Thread(target=delete))
+    for t in threads:
+        t.start()
+    reclaimer = Reclaimer(make_tables(), above_bytes=1, every=0.0)
+    try:
+        with _conn(db_url) as conn:
+            until = time.monotonic() + 4.0
+            while time.monotonic() < until:
+                reclaimer.truncate_if_empty(conn)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert reclaimer.reclaimed > 0  # the race was run, not avoided
+    assert len(written) > 100
+    assert set(written) == deleted | _ids(db_url)
+
+
+@pytest.fixture
+def relay_without_truncate(db_url: str) -> Iterator[str]:
+    name = f"outbox_relay_{uuid.uuid4().hex[:8]}"
+    with _conn(db_url) as conn:
+        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'pw'")  # type: ignore[arg-type]
+        conn.execute(f"GRANT SELECT, UPDATE, DELETE ON outbox_events TO {name}")  # type: ignore[arg-type]
+    yield make_url(db_url).set(username=name, password="pw").render_as_string(
+        hide_password=False)
+    with _conn(db_url) as conn:
+        conn.execute(f"DROP OWNED BY {name}")  # type: ignore[arg-type]
+        conn.execute(f"DROP ROLE {name}")  # type: ignore[arg-type]
+
+
+def test_without_the_truncate_grant_the_relay_says_so_once_and_goes_on(
+        relay_without_truncate: str, caplog: pytest.LogCaptureFixture) -> None:
+    reclaimer = Reclaimer(make_tables(), above_bytes=1, every=0.0)
+    with _conn(relay_without_truncate) as conn, caplog.at_level("INFO", "outbox.relay"):
+        assert reclaimer.maybe(conn) is None
+        assert reclaimer.maybe(conn) is None
+    said = [r.getMessage() for r in caplog.records if "TRUNCATE" in r.getMessage()]
+    assert len(said) == 1 and "may not TRUNCATE outbox_events" in said[0]
+    assert reclaimer.above_bytes is None
