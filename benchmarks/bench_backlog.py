@@ -200,13 +200,13 @@ def run(db_url: str, kafka: str) -> list[Result]:
                 + (f"; truncated by the idle relay ({_mb(storage['freed']):.1f} MB given "
                    "back)" if storage["reclaimed"] else "; not truncated"))
         if cycle == 1:
-            results.append(Result("outbox_events + indexes after cycle 1", _mb(first), "MB",
-                                  note=note))
+            results.append(Result("outbox_events + indexes after cycle 1", first / 1024,
+                                  "kB", note=note))
         else:
             last = cycle == len(done)
             results.append(Result(
-                f"outbox_events + indexes after cycle {cycle}", _mb(storage["total"]), "MB",
-                "after cycle 1", _mb(first),
+                f"outbox_events + indexes after cycle {cycle}", storage["total"] / 1024, "kB",
+                "after cycle 1", first / 1024,
                 note=note + (f"; cycle {cycle} <= cycle 1: "
                              f"{'yes' if storage['total'] <= first else 'NO'}" if last else ""),
                 target=("<=", 1.0) if last else None))
