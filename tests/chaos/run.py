@@ -256,6 +256,9 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         relay_procs = [Proc(f"relay-{i}", [py, "-m", "outbox.cli", "relay", "--db", proxied_url,
                                             "--kafka", proxied_kafka,
                                             "--lease", str(LEASE), "--poll-interval", "0.5",
+                                            # truncate whenever drained and vacuumed, so
+                                            # truncations meet the faults too
+                                            "--reclaim-above-mb", "0.001",
                                             # sends fail during a broker outage: retry paths run
                                             "--delivery-timeout-ms", "4000",
                                             "--relay-id", f"relay-{i}"],
