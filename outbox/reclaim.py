@@ -6,16 +6,22 @@ on a quiet server the next burst grows the indexes instead (docs/design.md, "Sto
 An empty table can simply be truncated, which returns every page to the filesystem.
 
 How it stays safe: `LOCK ... NOWAIT` takes the table only if no transaction holds any
-lock on it, so no writer is halfway through an insert and nothing waits behind a relay
+lock on it, so no writer is halfway through an insert and nothing queues behind a relay
 that is itself waiting. With the lock held, a fresh statement sees every committed row;
-the table is truncated only if that finds none. Writers that come meanwhile wait for
-the lock (a few milliseconds) and then insert into the new, empty table. The sequence
-that draws positions is untouched, so cursors stay valid.
+the table is truncated only if that finds none. Lock, check and truncation are one
+statement, sent in one round trip under a short statement timeout, so a relay that
+stalls cannot keep the lock. Writers that come meanwhile wait for it (milliseconds) and
+then insert into the new, empty table. The sequence that draws positions is untouched,
+so cursors stay valid.
 
 When: only while the relay is idle, at most every `every` seconds, and only if the
 statistics say the table is large (`above_bytes`), has no live rows and has been
-vacuumed (few dead rows), and the same check made first without the lock found no row
-within 50 ms: so the check under the lock reads a few empty pages.
+vacuumed (few dead rows), and the same check made first without the lock finds no row
+within UNLOCKED_TIMEOUT_MS (statistics restart at zero after a crash): so the check
+under the lock reads a few empty pages.
+
+Its SQL lives here rather than in outbox.store: it is the only statement that needs a
+table lock, and the only one sent as a multi-statement string.
 """
 
 from __future__ import annotations
@@ -34,27 +40,40 @@ log = logging.getLogger("outbox.relay")
 # More dead rows than this means VACUUM has not been yet: the check under the lock would
 # read them all while writers wait, so the table is left for a later try.
 MAX_DEAD_ROWS = 10_000
-# The check and the truncation run under the table's lock; writers wait this long at most.
+# The look for a row without the lock: slower than this, and the table is not nearly
+# empty of pages, so the look under the lock would be as slow. Left for VACUUM.
+UNLOCKED_TIMEOUT_MS = 50
+# The statement that locks, checks and truncates: writers wait this long at most, plus
+# its commit.
 LOCKED_TIMEOUT_MS = 200
-# The same check made first without the lock; it must take under a quarter of the above.
-UNLOCKED_TIMEOUT_MS = 2000
+MB = 2**20  # as PostgreSQL's pg_size_pretty counts
 
 
 class Reclaimer:
     """Truncates the relay's events table when it is drained and large (module doc)."""
 
-    def __init__(self, tables: Tables, above_bytes: int | None, every: float = 10.0) -> None:
+    def __init__(self, tables: Tables, above_bytes: int | None, every: float = 10.0,
+                 locked_timeout_ms: int = LOCKED_TIMEOUT_MS) -> None:
         """`above_bytes` None turns reclaiming off."""
-        self.table = tables.events.name
+        t = tables.events.name
+        self.table = t
         self.above_bytes = above_bytes
         self.every = every
+        self.locked_timeout_ms = locked_timeout_ms
         self.reclaimed = 0  # truncations done, and the bytes the last one gave back:
         self.last_freed = 0  # for tests and benchmarks
         self._next = 0.0
         self._gate = (
             "SELECT has_table_privilege(%(t)s, 'TRUNCATE'), n_live_tup, n_dead_tup, "
-            "pg_total_relation_size(relid) FROM pg_stat_all_tables "
-            "WHERE relid = %(t)s::regclass"
+            "pg_total_relation_size(relid), current_setting('statement_timeout') "
+            "FROM pg_stat_all_tables WHERE relid = %(t)s::regclass"
+        )
+        not_empty = ("RAISE EXCEPTION USING ERRCODE = 'P0001', "
+                     f"MESSAGE = 'outbox: {t} is not empty'")
+        self._look = f"DO $$ BEGIN IF EXISTS (SELECT FROM {t}) THEN {not_empty}; END IF; END $$"
+        self._truncate = (
+            f"DO $$ BEGIN LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE NOWAIT; "
+            f"IF EXISTS (SELECT FROM {t}) THEN {not_empty}; END IF; TRUNCATE {t}; END $$"
         )
 
     def maybe(self, conn: psycopg.Connection[Any]) -> int | None:
@@ -66,49 +85,52 @@ class Reclaimer:
         row = conn.execute(self._gate, {"t": self.table}).fetchone()
         if row is None:
             return None
-        allowed, live, dead, size = row
+        allowed, live, dead, size, _ = row
         if not allowed:
-            log.info("not reclaiming the drained table's storage: this role may not "
-                     "TRUNCATE %s (docs/production.md, \"Least privilege\")", self.table)
-            self.above_bytes = None
+            self._off(f"this role may not TRUNCATE {self.table} (docs/production.md, "
+                      "\"Least privilege\")")
             return None
         if live > 0 or dead > MAX_DEAD_ROWS or size < self.above_bytes:
             return None
-        # Statistics can be wrong (they restart at zero after a crash): look first
-        # without the lock, and take it only if that look found nothing, quickly.
-        started = time.monotonic()
-        try:
-            with conn.transaction():
-                conn.execute(f"SET LOCAL statement_timeout = {UNLOCKED_TIMEOUT_MS}")
-                found = conn.execute(f"SELECT EXISTS (SELECT FROM {self.table})").fetchone()
-        except errors.QueryCanceled:
-            return None
-        if found != (False,) or time.monotonic() - started > LOCKED_TIMEOUT_MS / 4000:
+        if not self._run(conn, self._look, UNLOCKED_TIMEOUT_MS, row[4]):
             return None
         return self.truncate_if_empty(conn)
 
     def truncate_if_empty(self, conn: psycopg.Connection[Any]) -> int | None:
         """Take the table if no one holds it, and truncate it if it has no row.
         Returns the bytes given back, or None if it was busy or not empty."""
-        try:
-            with conn.transaction():
-                conn.execute(f"SET LOCAL statement_timeout = {LOCKED_TIMEOUT_MS}")
-                conn.execute("SET LOCAL synchronous_commit = on")
-                conn.execute(f"LOCK TABLE {self.table} IN ACCESS EXCLUSIVE MODE NOWAIT")
-                before = _size(conn, self.table)
-                if conn.execute(f"SELECT EXISTS (SELECT FROM {self.table})").fetchone() \
-                        != (False,):
-                    return None
-                conn.execute(f"TRUNCATE {self.table}")
-                freed = before - _size(conn, self.table)
-        except (errors.LockNotAvailable, errors.QueryCanceled):
-            return None  # busy: a writer, a relay or VACUUM holds it; try again later
+        before, restore = _size_and_timeout(conn, self.table)
+        if not self._run(conn, self._truncate, self.locked_timeout_ms, restore):
+            return None
+        freed = before - _size_and_timeout(conn, self.table)[0]
         self.reclaimed += 1
         self.last_freed = freed
-        log.info("reclaimed the drained %s: %.1f MB given back", self.table, freed / 1e6)
+        log.info("reclaimed the drained %s: %.1f MB given back", self.table, freed / MB)
         return freed
 
+    def _run(self, conn: psycopg.Connection[Any], statement: str, timeout_ms: int,
+             restore: str) -> bool:
+        """Run `statement` under `timeout_ms`, in one round trip and one transaction (a
+        failure rolls the timeout back with it). False: busy, not empty or too slow."""
+        try:
+            conn.execute(f"SET statement_timeout = {timeout_ms}; {statement}; "
+                         f"SET statement_timeout = '{restore}'")
+        except (errors.LockNotAvailable, errors.QueryCanceled, errors.RaiseException):
+            return False  # a writer, a relay or VACUUM holds it; a row; try again later
+        except psycopg.OperationalError:
+            raise  # the session: the relay's outage handling reconnects
+        except psycopg.Error as exc:  # e.g. a foreign key or trigger on the table
+            self._off(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            return False
+        return True
 
-def _size(conn: psycopg.Connection[Any], table: str) -> int:
-    row = conn.execute("SELECT pg_total_relation_size(%s::regclass)", (table,)).fetchone()
-    return int(row[0]) if row else 0
+    def _off(self, why: str) -> None:
+        log.warning("not reclaiming the drained table's storage: %s", why)
+        self.above_bytes = None
+
+
+def _size_and_timeout(conn: psycopg.Connection[Any], table: str) -> tuple[int, str]:
+    row = conn.execute("SELECT pg_total_relation_size(%s::regclass), "
+                       "current_setting('statement_timeout')", (table,)).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])

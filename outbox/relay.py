@@ -34,7 +34,7 @@ from outbox.ownership import ranges, take_fair_share
 from outbox.producer_slot import ProducerSlot, ProducerUnavailable
 from outbox.progress import ProgressLog
 from outbox.publisher import Publisher
-from outbox.reclaim import Reclaimer
+from outbox.reclaim import MB, Reclaimer
 from outbox.relay_config import RelayConfig
 from outbox.relay_session import open_session
 from outbox.schema import make_tables
@@ -76,7 +76,7 @@ class Relay:
         self.sender = Sender(self.relay_id, config, self.store, self.metrics,
                              self.loop.throttle, self._grace_left, lambda: self.loop.stopping)
         self.cursors = Cursors(self.store)
-        self.reclaimer = Reclaimer(self.tables, int(config.reclaim_above_mb * 1e6)
+        self.reclaimer = Reclaimer(self.tables, int(config.reclaim_above_mb * MB)
                                    if config.reclaim_above_mb else None)
         self.default = AtLeastOnce(self.sender, self.producer, self.cursors)
         self.txn: TxnSender | None = None

@@ -1,6 +1,6 @@
 """Every SQL statement the relay and `outbox status` run, in one place (the consumer's
 dedupe and attempt SQL is its inbox's: outbox.consumer.inbox; `outbox status` only reads
-the attempts table, here).
+the attempts table, here), but for the idle relay's truncation (outbox.reclaim).
 
 Statements are plain psycopg SQL on one connection; table names come from a validated
 prefix (schema.validate_prefix), so formatting them in is safe.

@@ -75,6 +75,8 @@ def test_an_idle_relay_truncates_the_drained_vacuumed_table(
         relay.step(wait=True)  # idle: the reclaim runs before the wait
         assert relay.reclaimer.reclaimed == 1
         assert _size(db_url) < 64 * 1024
+        assert relay._conn is not None  # its statement timeout is its own again
+        assert relay._conn.execute("SHOW statement_timeout").fetchone() == ("30s",)
         # The positions' sequence is untouched: the next event comes after every old one,
         # and the relay (its cursors past the old positions) sends it.
         new = _publish(engine, box, 1)
@@ -96,9 +98,16 @@ def test_a_live_row_an_inserting_writer_or_unvacuumed_rows_keep_the_table(
         assert reclaimer.truncate_if_empty(conn) is None  # a committed row
         assert _ids(db_url) == set(kept)
         conn.execute("DELETE FROM outbox_events")
+        patient = Reclaimer(make_tables(), above_bytes=1, locked_timeout_ms=10_000)
         with _Paused(engine, box, "k", "T"):  # inserted, not committed: it holds a lock
-            assert reclaimer.truncate_if_empty(conn) is None
+            started = time.monotonic()
+            assert patient.truncate_if_empty(conn) is None
+            assert time.monotonic() - started < 5.0  # NOWAIT: it did not queue for it
         assert len(_ids(db_url)) == 1  # the paused writer's event, committed after
+        # a row kept after publishing (--retention) is a row too
+        conn.execute("UPDATE outbox_events SET published_at = now()")
+        assert reclaimer.truncate_if_empty(conn) is None
+        assert len(_ids(db_url)) == 1
         conn.execute("DELETE FROM outbox_events")
         one_off = sa.create_engine(db_url, poolclass=sa.NullPool)  # stats sent on close
         _publish(one_off, box, MAX_DEAD_ROWS + 500)
@@ -121,16 +130,23 @@ def test_no_event_is_lost_to_truncations_racing_writers(
     stop = threading.Event()
     written: list[str] = []
     deleted: set[str] = set()
+    failed: list[BaseException] = []
 
     def write(i: int) -> None:
-        while not stop.is_set():
-            written.extend(_publish(engine, box, 1 + i % 3, key=f"w{i}"))
+        try:
+            while not stop.is_set():
+                written.extend(_publish(engine, box, 1 + i % 3, key=f"w{i}"))
+        except BaseException as exc:
+            failed.append(exc)
 
     def delete() -> None:
-        with _conn(db_url) as c:
-            while not stop.is_set():
-                deleted.update(str(r[0]) for r in
-                               c.execute("DELETE FROM outbox_events RETURNING event_id"))
+        try:
+            with _conn(db_url) as c:
+                while not stop.is_set():
+                    deleted.update(str(r[0]) for r in
+                                   c.execute("DELETE FROM outbox_events RETURNING event_id"))
+        except BaseException as exc:
+            failed.append(exc)
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
     threads.append(threading.Thread(target=delete))
@@ -146,6 +162,7 @@ def test_no_event_is_lost_to_truncations_racing_writers(
         stop.set()
         for t in threads:
             t.join(30)
+    assert not failed
     assert reclaimer.reclaimed > 0  # the race was run, not avoided
     assert len(written) > 100
     assert set(written) == deleted | _ids(db_url)
@@ -172,4 +189,18 @@ def test_without_the_truncate_grant_the_relay_says_so_once_and_goes_on(
         assert reclaimer.maybe(conn) is None
     said = [r.getMessage() for r in caplog.records if "TRUNCATE" in r.getMessage()]
     assert len(said) == 1 and "may not TRUNCATE outbox_events" in said[0]
+    assert reclaimer.above_bytes is None
+
+
+def test_a_table_that_cannot_be_truncated_turns_reclaiming_off_with_one_warning(
+        db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    reclaimer = Reclaimer(make_tables(), above_bytes=1, every=0.0)
+    with _conn(db_url) as conn, caplog.at_level("INFO", "outbox.relay"):
+        conn.execute("CREATE TABLE audit (position bigint REFERENCES outbox_events)")
+        assert reclaimer.truncate_if_empty(conn) is None
+        assert reclaimer.maybe(conn) is None
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)  # restored
+    said = [r for r in caplog.records if "not reclaiming" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert "FeatureNotSupported" in said[0].getMessage()
     assert reclaimer.above_bytes is None
