@@ -83,6 +83,34 @@ def test_each_event_once_in_key_order(engine: sa.Engine, db_url: str, kafka_boot
         assert [eid for k, eid in got if k == key] == expected
 
 
+def test_a_truncation_between_drains_keeps_each_event_once_in_key_order(
+        engine: sa.Engine, db_url: str, kafka_bootstrap: str,
+        new_topic: Callable[..., str]) -> None:
+    """The idle relay truncates the drained table (outbox.reclaim); the transactions,
+    progress records and cursors of the next drain do not notice."""
+    topic = new_topic()
+    first = write_events(engine, topic, 200, keys=17)
+    relay = eos_relay(db_url, kafka_bootstrap, "kafka-python")
+    relay.reclaimer.above_bytes, relay.reclaimer.every = 1, 0.0
+    try:
+        drain(relay, engine)
+        with engine.connect() as c:
+            c.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                "VACUUM outbox_events")
+        relay.step(wait=True)
+        assert relay.reclaimer.reclaimed == 1
+        second = write_events(engine, topic, 200, keys=17)
+        drain(relay, engine)
+    finally:
+        relay.stop()
+        relay._close()
+    got = read_committed(kafka_bootstrap, topic, 400)
+    ids = [eid for _, eid in got]
+    assert len(ids) == len(set(ids)) == 400
+    for key in first:
+        assert [eid for k, eid in got if k == key] == first[key] + second[key]
+
+
 def _crash_then_finish(db_url: str, kafka: str, topic: str, engine: sa.Engine,
                        tmp_path: Path, env: dict[str, str]) -> Counter[str]:
     """A relay process that exits between Kafka's commit (or ack) and the deletion of its
