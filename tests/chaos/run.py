@@ -106,6 +106,7 @@ class Report:
     outbox_left: int = 0
     exits: dict[str, int | None] = field(default_factory=dict)
     restarts: dict[str, list[int]] = field(default_factory=dict)  # unplanned exit codes
+    truncations: int = 0  # drained tables the idle relays truncated (outbox.reclaim)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -149,6 +150,7 @@ class Report:
             "duplicate_bursts": self.duplicate_bursts,
             "drain_seconds": self.drain_seconds, "outbox_left": self.outbox_left,
             "exit_codes": self.exits, "unplanned_exits": self.restarts,
+            "truncations": self.truncations,
             "violations": self.violations, "short_of_floor": self.short_of_floor,
             "examples": self.examples, "timeline": self.timeline, "samples": self.samples,
         }
@@ -409,6 +411,8 @@ def run(seed: int, duration: float, *, unsafe: str | None = None, relays: int = 
         report.unpublished_failovers = len(faults.unpublished_failovers)
         for p in relay_procs + consumer_procs:
             report.exits[p.name] = p.terminate()
+        report.truncations = sum(p.log.read_text(errors="replace").count(
+            "reclaimed the drained") for p in relay_procs if p.log.exists())
         for proxy in proxies:
             proxy.close()
         engine.dispose()
@@ -503,6 +507,7 @@ def print_summary(report: Report) -> None:
         ("drain time", f"{report.drain_seconds} s" if report.drain_seconds is not None
          else "did not drain"),
         ("unplanned exits (restarted)", sum(len(v) for v in report.restarts.values())),
+        ("drained table truncated by a relay", report.truncations),
     ]
     for name, value in rows:
         table.add_row(name, str(value))
