@@ -115,6 +115,9 @@ def test_a_live_row_an_inserting_writer_or_unvacuumed_rows_keep_the_table(
         conn.execute("DELETE FROM outbox_events")
         conn.execute("SELECT pg_stat_force_next_flush()")  # sent as the statement ends
         conn.execute("SELECT pg_stat_clear_snapshot()")
+        stats = conn.execute("SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables "
+                             "WHERE relname = 'outbox_events'").fetchone()
+        assert stats is not None and stats[0] == 0 and stats[1] > MAX_DEAD_ROWS
         assert reclaimer.maybe(conn) is None  # not vacuumed: would scan while holding it
         assert reclaimer.reclaimed == 0
         conn.execute("VACUUM outbox_events")
